@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import time
 import urllib.error
 
 import numpy as np
@@ -358,6 +359,18 @@ def shard_worker(rank, out):
         labels = sum(len(y) for _, y in loader)
         with open(os.path.join(out, f"{split}{rank}.json"), "w") as f:
             json.dump({"indices": seen, "batches": len(loader), "labels": labels}, f)
+
+    def slow_offline_download(self):  # rank 0 tries first, alone; the other rank waits for it
+        with open(os.path.join(out, "downloads.txt"), "a") as f:
+            f.write(f"{rank} {time.time()}\n")
+        time.sleep(0.3)
+        raise urllib.error.URLError("no network")
+
+    torchvision.datasets.CIFAR10.download = slow_offline_download  # a forked process: patched here only
+    try:
+        data.build_dataset("cifar10", "train", None, data_dir=os.path.join(out, "cifar"))
+    except FileNotFoundError:
+        pass
     torch.distributed.destroy_process_group()
 
 
@@ -371,3 +384,5 @@ def test_two_process_gloo_shards(tmp_path):
             assert len(a) == len(b) == 10 and r[0]["batches"] == r[1]["batches"] == 5
         else:  # eval: strided, exact union
             assert sorted(a + b) == list(range(n)) and r[0]["labels"] + r[1]["labels"] == n
+    tries = sorted((float(t), int(k)) for k, t in (line.split() for line in (tmp_path / "downloads.txt").open()))
+    assert [k for _, k in tries] == [0, 1] and tries[1][0] - tries[0][0] >= 0.3  # no two ranks download at once
