@@ -382,6 +382,17 @@ def atomic_save(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def trim_log(path, step):
+    """--resume: drop the log records written after the checkpoint (a crash between two saves), which the resumed
+    run writes again, so that log.jsonl holds each step once."""
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
 def mae_lr(step, total, warmup, lr, min_lr):
     """Linear warmup from 0, then a half-cycle cosine to min_lr; per optimizer step (MAE util/lr_sched.py)."""
     if step < warmup:
@@ -479,6 +490,8 @@ def main(args):
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step, best = ckpt["step"], ckpt["best_top1"]
+        if master:
+            trim_log(os.path.join(args.out, "log.jsonl"), step)
     raw = model  # what is saved: never the compiled or DDP wrapper (no `_orig_mod.` / `module.` prefixes)
     if args.compile:
         model.compile()  # in place, so state-dict keys stay clean

@@ -2,6 +2,7 @@
 train.py) must stay identical: same source, hence same behaviour. Also their behaviour on hand-computed values."""
 import ast
 import inspect
+import json
 import math
 import os
 
@@ -20,6 +21,7 @@ SHARED = {  # helper -> the method files that carry a copy
     "peak_memory_mb": (simmim, localmim, maskalign, finetune),
     "param_groups": (simmim, localmim, maskalign, finetune),
     "atomic_save": (simmim, localmim, maskalign, finetune),
+    "trim_log": (simmim, localmim, maskalign, finetune),
     "mae_lr": (localmim, maskalign, finetune),
     "simmim_lr": (simmim, finetune),
 }
@@ -63,3 +65,12 @@ def test_param_groups_and_atomic_save(tmp_path):
     simmim.atomic_save({"step": 1}, path)
     simmim.atomic_save({"step": 2}, path)
     assert torch.load(path)["step"] == 2 and not os.path.exists(path + ".tmp")
+
+
+def test_trim_log_keeps_the_records_up_to_the_checkpoint(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (1, 2, 3, 4, 4, 5)))
+    simmim.trim_log(str(log), 3)
+    assert [json.loads(line)["step"] for line in log.open()] == [1, 2, 3]
+    simmim.trim_log(str(tmp_path / "absent.jsonl"), 3)  # a first run has no log yet: nothing to do
+    assert not (tmp_path / "absent.jsonl").exists()

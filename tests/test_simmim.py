@@ -292,12 +292,15 @@ def test_torchrun_two_processes_with_accumulation(tmp_path):
 def test_resume_gives_the_same_weights(tmp_path):
     a = run(VIT + RUN + ["--steps", "3"], tmp_path, "straight")
     b = run(VIT + RUN + ["--steps", "1"], tmp_path, "resumed")  # stops inside epoch 0 ...
+    with open(os.path.join(b, "log.jsonl"), "a") as f:  # a record written after the checkpoint, then a crash
+        f.write(json.dumps({**records(b)[-1], "step": 2}) + "\n")
     run(VIT + RUN + ["--steps", "3", "--resume"], tmp_path, "resumed")  # ... and goes on across the epoch end
     ka, kb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (a, b))
     assert ka["step"] == kb["step"] == 3
     for k in ka["model"]:
         assert torch.equal(ka["model"][k], kb["model"][k]), k
     assert records(a)[-1]["loss"] == records(b)[-1]["loss"]
+    assert [r["step"] for r in records(b)] == [r["step"] for r in records(a)] == [1, 2, 3]  # each step once
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
