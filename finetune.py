@@ -384,10 +384,10 @@ def atomic_save(obj, path):
 
 def trim_log(path, step):
     """--resume: drop the log records written after the checkpoint (a crash between two saves), which the resumed
-    run writes again, so that log.jsonl holds each step once."""
+    run writes again, so that log.jsonl holds each step once; and a last line the crash cut short (no newline)."""
     if os.path.exists(path):
         with open(path) as f:
-            keep = [line for line in f if json.loads(line)["step"] <= step]
+            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)

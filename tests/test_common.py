@@ -69,7 +69,7 @@ def test_param_groups_and_atomic_save(tmp_path):
 
 def test_trim_log_keeps_the_records_up_to_the_checkpoint(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (1, 2, 3, 4, 4, 5)))
+    log.write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (1, 2, 3, 4, 4, 5)) + '{"step": 6, "lo')
     simmim.trim_log(str(log), 3)
     assert [json.loads(line)["step"] for line in log.open()] == [1, 2, 3]
     simmim.trim_log(str(tmp_path / "absent.jsonl"), 3)  # a first run has no log yet: nothing to do
