@@ -99,6 +99,35 @@ def denormalize(x):
     return (x * std + mean).clamp(0, 1)
 
 
+def spread(labels, n):
+    """Indices of n pictures spread over the classes: the first image of each class in class order, then the second
+    of each, and so on. Fixed for a dataset (no seed), so every run and every epoch shows the same images."""
+    by_class = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    rounds = [[idx[r] for _, idx in sorted(by_class.items()) if r < len(idx)] for r in range(n)]
+    return [i for row in rounds for i in row][:n]
+
+
+def save_grid(rows, labels, path, min_size=96):
+    """A PNG of image rows, (n, 3, H, W) in [0, 1] each, one column per image and a label left of each row; images
+    smaller than min_size are enlarged (nearest), so 32-px pictures stay readable."""
+    from PIL import ImageDraw, ImageFont
+    scale = max(1, math.ceil(min_size / rows[0].shape[-1]))
+    grid = torch.cat([r.float().cpu() for r in rows])  # (rows * n, 3, H, W)
+    grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(grid, nrow=len(rows[0]), padding=2, pad_value=1.0)  # (3, Hg, Wg)
+    image = T.functional.to_pil_image(grid)
+    font = ImageFont.load_default()
+    width = 8 + max(ImageDraw.Draw(image).textlength(t, font=font) for t in labels)
+    canvas = Image.new("RGB", (image.width + int(width), image.height), "white")
+    canvas.paste(image, (int(width), 0))
+    draw, h = ImageDraw.Draw(canvas), (image.height - 2) / len(rows)
+    for k, text in enumerate(labels):
+        draw.text((4, 2 + h * k + h / 2 - 5), text, fill="black", font=font)
+    canvas.save(path)
+
+
 # -----------------------------------------------------------------------------
 # Synthetic data: a dead-leaves model (Baradad et al., "Learning to See by Looking at Noise", NeurIPS 2021):
 # opaque shapes with power-law sizes, random colours, shading and 1/f texture, painted back to front. Such images

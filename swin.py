@@ -308,13 +308,13 @@ def convert_microsoft(sd):
     return out
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, unsafe=False):
     """Read a Swin checkpoint (ours, timm, Microsoft, SimMIM, LocalMIM). Returns (state dict in our keys, arch) such
     that `SwinTransformer(**arch, num_classes=0)` has its architecture (classifier keys stay in the dict). Our own
     encoder.pth carries its arch; otherwise it is read off the tensors, and img_size = stride x the last stage's
     window: the smallest image the tables fit, and the one every released checkpoint was trained at (192 for w6,
     224 for w7 and w14 (last stage 7), 384 for w12, 192 for SimMIM's Swin-L w12 (last stage 6))."""
-    raw, arch = read_state_dict(path)
+    raw, arch = read_state_dict(path, unsafe)
     sd = convert_microsoft(raw)
     if "patch_embed.proj.weight" not in sd or "layers.0.blocks.0.attn.qkv.weight" not in sd:
         raise ValueError(f"{path}: not a Swin checkpoint of a known layout (timm, Microsoft, SimMIM, LocalMIM); "

@@ -17,6 +17,9 @@ What the methods need, without any method's code living here (see `embed` and `f
 The end of the file reads public checkpoints (OpenAI CLIP, HF ViT/CLIP, torchvision, the official SimMIM ViT) into
 these keys: `load_checkpoint(path)` returns a state dict and the architecture that fits it.
 """
+import argparse
+import collections
+import io
 import math
 import os
 import pickle
@@ -107,6 +110,11 @@ class Attention(nn.Module):
             if bias is not None:
                 logits = logits + bias.float()
             x = logits.softmax(-1).to(v.dtype) @ v
+        elif q.device.type == "cpu" and q.dtype != torch.float32:
+            # CPU under bf16 autocast: SDPA's CPU kernels are 4-6x slower than these two matmuls at ViT-T/S sizes
+            # (forward + backward, one thread, bench/attention.py); products in bf16, the softmax in fp32
+            a = ((q * self.scale) @ k.transpose(-2, -1)).float()  # (B, H, T, T)
+            x = (a if bias is None else a + bias.float()).softmax(-1).to(v.dtype) @ v
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(B, T, C)), logits
@@ -395,7 +403,114 @@ def resize_state_dict(sd, model):
 # ----------------------------------------------------------------------------------------------------------------
 # Reading checkpoints of other layouts (checkpoints.md). Each converter maps a state dict onto our (timm) keys.
 
-def read_state_dict(path):
+# No code from a checkpoint ever runs (CONVENTIONS.md): pickles are read by torch's weights_only unpickler, which
+# builds tensors and plain containers only. Public releases pickle a few harmless classes beside their weights; those
+# are allowed by name, and the ones that cannot be imported here become inert dicts. Anything else is refused.
+
+UNSAFE_FLAG = "--unsafe-load"  # the one way around the allow-list, spelled the same in every script
+
+
+class Refused(ValueError):
+    """A file that pickles more than tensors, containers and the benign classes below."""
+
+
+class Inert:
+    """Stands in for a class a checkpoint names (yacs' CfgNode in SimMIM/Swin files, the modules of a TorchScript
+    archive): the object comes back as an OrderedDict of its items, its attributes in __dict__; nothing is called."""
+
+    def __new__(cls, *args, **kwargs):
+        return collections.OrderedDict()
+
+
+def _benign_globals(names):
+    """The classes public checkpoints pickle: argparse.Namespace (MAE, DeiT, DINO, BEiT, LocalMIM, MaskAlign `args`),
+    numpy scalars, arrays and dtypes (their `args` and metrics), yacs' CfgNode (SimMIM and Swin `config`), and in a
+    TorchScript archive (OpenAI CLIP) its module classes and list helpers; `names` are the globals of one file."""
+    import numpy as np
+    import torch.jit._pickle as jit_pickle
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed = [argparse.Namespace, np.ndarray, np.dtype, *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDGO"},
+               jit_pickle.build_intlist, jit_pickle.build_doublelist, jit_pickle.build_boollist,
+               jit_pickle.build_tensorlist, jit_pickle.restore_type_tag, (Inert, "yacs.config.CfgNode")]
+    for mod in ("numpy.core", "numpy._core"):  # files pickled by numpy 1.x and 2.x name the same functions
+        allowed += [(core.scalar, f"{mod}.multiarray.scalar"), (core._reconstruct, f"{mod}.multiarray._reconstruct")]
+    return allowed + [(Inert, n) for n in names if n.startswith("__torch__.")]
+
+
+def torch_load(path, unsafe=False):
+    """torch.load of a file a user named, on the CPU. Only tensors, containers and the benign classes above are
+    built; a file that pickles anything else (which could run code while loading) is refused with a ValueError
+    naming it, unless unsafe=True (--unsafe-load): then plain pickle, for files the user trusts. A TorchScript
+    archive is read the same way, as data: its tensors, never its code."""
+    try:
+        zipped = zipfile.is_zipfile(path)
+        if zipped and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            return _torchscript_tensors(path, unsafe)
+        if unsafe:
+            warnings.warn(f"{UNSAFE_FLAG}: {path} is unpickled without restriction: any code it holds runs now")
+            return torch.load(path, map_location="cpu", weights_only=False)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipped else []  # read, not run
+    except Exception as e:  # truncated, text, not torch's: whatever the parser raises, the user gets one line
+        if isinstance(e, (Refused, FileNotFoundError)):
+            raise
+        raise _unreadable(path, e) from None
+    _refuse(path, names)
+    try:
+        with torch.serialization.safe_globals(_benign_globals(names)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a legacy (not zipped) pickle names a refused global only in the error
+        if isinstance(e, pickle.UnpicklingError):
+            _refuse(path, re.findall(r"GLOBAL (\S+)", str(e)))
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path, e):
+    return ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+
+
+def _refuse(path, names):
+    """ValueError naming the globals of a pickle that the allow-list does not cover, and the flag."""
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in _benign_globals(names)}
+    blocked = [n for n in names if n not in allowed]
+    if blocked:
+        raise Refused(f"{path}: refused: it pickles {', '.join(blocked)}, which could run code while loading; "
+                         f"if you trust the file, pass {UNSAFE_FLAG}")
+
+
+def _torchscript_tensors(path, unsafe):
+    """The tensors of a TorchScript archive by their attribute path (what .state_dict() gives), read from its
+    data.pkl with the module classes as Inert stand-ins; its code/ and constants are never loaded."""
+    if unsafe:
+        with warnings.catch_warnings():  # jit is deprecated, not gone
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location="cpu").state_dict()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(buf, "w") as dst:  # a plain torch.save archive of the data
+        for name in src.namelist():
+            rest = name.partition("/")[2]
+            if rest in ("data.pkl", "version", "byteorder") or rest.startswith("data/"):
+                dst.writestr("archive/" + rest, src.read(name))
+    buf.seek(0)
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(buf)
+    _refuse(path, names)
+    buf.seek(0)
+    with torch.serialization.safe_globals(_benign_globals(names)):
+        root = torch.load(buf, map_location="cpu", weights_only=True)
+    if not isinstance(root, collections.OrderedDict):
+        raise ValueError(f"{path}: a TorchScript archive whose root is not a module")
+    out = {}
+
+    def walk(obj, prefix):
+        for k, v in vars(obj).items():
+            if torch.is_tensor(v):
+                out[prefix + k] = v
+            elif isinstance(v, collections.OrderedDict):  # a submodule
+                walk(v, f"{prefix}{k}.")
+    walk(root, "")
+    return out
+
+
+def read_state_dict(path, unsafe=False):
     """(state dict, arch or None) from a file: a pickle (.pth/.pt/.bin), a TorchScript archive (OpenAI CLIP's .pt),
     .safetensors, or a Hugging Face folder (config.json beside the weights). Unwraps 'model' / 'state_dict' / DINO's
     'teacher', strips DDP/compile/DINO prefixes, casts half precision to float32. `arch` is what this repository
@@ -403,7 +518,7 @@ def read_state_dict(path):
     if os.path.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.exists(os.path.join(path, name)):
-                return read_state_dict(os.path.join(path, name))
+                return read_state_dict(os.path.join(path, name), unsafe)
         raise FileNotFoundError(f"{path}: folder without model.safetensors or pytorch_model.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -412,18 +527,12 @@ def read_state_dict(path):
             from safetensors.torch import load_file
         except ImportError:
             raise ValueError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
-        obj = load_file(path)
-    elif zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
-        with warnings.catch_warnings():  # a TorchScript archive (OpenAI CLIP's files); jit is deprecated, not gone
-            warnings.simplefilter("ignore", FutureWarning)
-            obj = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # official checkpoints pickle an args Namespace or a yacs config
-            warnings.warn(f"{path}: holds pickled Python objects; loading it with weights_only=False "
-                          f"(do this only for files you trust)")
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = load_file(path)
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise ValueError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0][:120]})") from None
+    else:
+        obj = torch_load(path, unsafe)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
     arch = obj.get("arch") if isinstance(obj.get("arch"), dict) else None
@@ -564,11 +673,11 @@ def convert(sd):
 HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # timm's ViT sizes; CLIP uses width / 64
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, unsafe=False):
     """Read a ViT checkpoint of any layout above. Returns (state dict in our keys, arch) such that
     `VisionTransformer(**arch, num_classes=0)` has the checkpoint's architecture (classifier keys stay in the dict).
-    Our own encoder.pth carries its arch; for other files it is inferred from the tensors."""
-    raw, arch = read_state_dict(path)
+    Our own encoder.pth carries its arch; for other files it is inferred from the tensors. unsafe: torch_load's."""
+    raw, arch = read_state_dict(path, unsafe)
     try:
         sd, layout = convert(raw)
     except ValueError as e:
