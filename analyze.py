@@ -61,8 +61,19 @@ RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # SimMIM Fig. 3's sweep
 MASK_PATCHES = (4, 8, 16, 32, 64)
 
 
+EXAMPLES = """examples:
+  python analyze.py --avgdist                                        # SimMIM's AvgDist table at 192 px, ~1 min
+  python analyze.py runs/simmim/encoder.pth init:runs/simmim/encoder.pth --names SimMIM random --data cifar10
+  python analyze.py runs/mae/encoder.pth runs/ft/classifier.pth --data /imagenet --num-images 1000
+"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: every default shown, and the examples kept as written."""
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("ckpts", nargs="*", help="encoder.pth / ckpt.pt / classifier.pth, any file or HF folder vit.py or "
                    "swin.py reads; init:PATH = PATH's architecture with freshly initialised weights")
     p.add_argument("--names", nargs="+", default=None, help="one per checkpoint (default: the checkpoint's folder)")
@@ -73,9 +84,11 @@ def get_args(argv=None):
                    "probing-vits: 1000, mae-lite: 1024)")
     p.add_argument("--batch-size", type=int, default=64, help="also the CKA minibatch (unbiased HSIC needs n > 3)")
     p.add_argument("--img-size", type=int, default=None, help="default: the first checkpoint's; with --avgdist 192")
-    p.add_argument("--out", default="runs/analysis")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--out", default="runs/analysis", help="metrics.json and the figures (avgdist.json/.md)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run the models")
+    p.add_argument("--workers", type=int, default=8, help="data loader processes")
+    p.add_argument("--unsafe-load", action="store_true", help="let the checkpoints run the code they pickle (only "
+                   "for files you trust; public checkpoints do not need it)")
     p.add_argument("--seed", type=int, default=0, help="the image subset and init: weights")
     p.add_argument("--avgdist", action="store_true", help="print SimMIM's AvgDist for --mask-ratio/--mask-patch-size "
                    "at --img-size and the table over ratios x mask patch sizes; no checkpoints")
@@ -83,6 +96,13 @@ def get_args(argv=None):
     p.add_argument("--mask-patch-size", "--patch", type=int, default=32, help="SimMIM's default")
     p.add_argument("--masks", type=int, default=500, help="masks per AvgDist value")
     args = p.parse_args(argv)
+    for name in ("num_images", "batch_size", "img_size", "mask_patch_size", "masks"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers}: must not be negative")
+    if os.path.isfile(args.out) or (os.path.exists(args.out) and not os.access(args.out, os.W_OK)):
+        p.error(f"--out {args.out}: not a writable folder")
     if args.avgdist:
         args.img_size = args.img_size or 192  # SimMIM's masking ablations: Swin-B at 192 px
         if not 0 < args.mask_ratio < 1:
@@ -224,25 +244,33 @@ def avg_dist(img_size, mask_patch_size, ratio, n=500, seed=0):
     return total / n
 
 
-def avgdist_table(img_size, n, seed=0):
+def avgdist_table(img_size, n, seed=0, progress=False):
     """{mask patch: {ratio: AvgDist or None}}; None also where the patch does not divide the image."""
-    return {m: {r: avg_dist(img_size, m, r, n, seed) if img_size % m == 0 else None for r in RATIOS}
-            for m in MASK_PATCHES}
+    bar = tqdm(total=len(MASK_PATCHES) * len(RATIOS), desc="AvgDist table", disable=not progress, leave=False)
+    table = {}
+    for m in MASK_PATCHES:
+        for r in RATIOS:
+            table.setdefault(m, {})[r] = avg_dist(img_size, m, r, n, seed) if img_size % m == 0 else None
+            bar.update()
+    bar.close()
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models and the measuring loop
 
-def load_model(spec, img_size, seed):
+def load_model(spec, img_size, seed, unsafe=False):
     """ViT layouts via vit.load_checkpoint, else Swin via swin.load_checkpoint; the classifier head is not analysed.
     init:PATH builds PATH's architecture with this seed's initialisation (the random-init reference)."""
     path = spec.removeprefix("init:")
     try:
-        sd, arch = vit.load_checkpoint(path)
+        sd, arch = vit.load_checkpoint(path, unsafe)
         build, resize = vit.VisionTransformer, vit.resize_state_dict
     except ValueError as e:
+        if "not a ViT checkpoint" not in str(e):  # refused or unreadable: not a question of the layout
+            raise
         try:
-            sd, arch = swin.load_checkpoint(path)
+            sd, arch = swin.load_checkpoint(path, unsafe)
         except ValueError:
             raise ValueError(f"{e} (nor a Swin checkpoint of timm, Microsoft, SimMIM or LocalMIM layout)") from None
         build, resize = swin.SwinTransformer, swin.resize_state_dict
@@ -387,10 +415,14 @@ def figures(results, out, img_size):
 # Main
 
 def run_avgdist(args):
+    try:
+        os.makedirs(args.out, exist_ok=True)  # before the minute of work
+    except OSError as e:
+        sys.exit(f"error: --out {args.out}: not a writable folder ({e.strerror})")
     one = avg_dist(args.img_size, args.mask_patch_size, args.mask_ratio, args.masks, args.seed)
     print(f"AvgDist at {args.img_size} px, mask patch {args.mask_patch_size}, ratio {args.mask_ratio}: "
           + ("undefined (every cell masked)" if one is None else f"{one:.2f} px") + f" ({args.masks} masks)")
-    table = avgdist_table(args.img_size, args.masks, args.seed)
+    table = avgdist_table(args.img_size, args.masks, args.seed, progress=True)
     lines = [f"| mask patch \\ ratio ({args.img_size} px) | " + " | ".join(map(str, RATIOS)) + " |",
              "|---" * (len(RATIOS) + 1) + "|"]
     lines += [f"| {m} | " + " | ".join(("n/a" if args.img_size % m else "all") if v is None else f"{v:.1f}"
@@ -412,15 +444,16 @@ def main(argv=None):
         return run_avgdist(args)
     device = torch.device(args.device)
     try:  # every checkpoint is read before any is measured, so a bad one stops the run at once
-        models = [load_model(args.ckpts[0], args.img_size, args.seed)]
+        os.makedirs(args.out, exist_ok=True)  # before any work: a bad --out fails now, not after measuring
+        models = [load_model(args.ckpts[0], args.img_size, args.seed, args.unsafe_load)]
         img_size = models[0].arch["img_size"]  # --img-size, or the first checkpoint's
-        models += [load_model(c, img_size, args.seed) for c in args.ckpts[1:]]
+        models += [load_model(c, img_size, args.seed, args.unsafe_load) for c in args.ckpts[1:]]
         dataset = data.build_dataset(args.data, args.split, data.eval_transform(img_size), args.data_dir, img_size,
                                      args.seed, args.num_images)
         if len(dataset) < args.batch_size:
             raise ValueError(f"--batch-size {args.batch_size}: CKA needs one full batch; --data has {len(dataset)} "
                              f"{args.split} images")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: an --out that cannot be made
         sys.exit(f"error: {e}")
     loader = data.build_loader(dataset, args.batch_size, train=False, workers=args.workers, seed=args.seed,
                                drop_last=False)
@@ -436,7 +469,6 @@ def main(argv=None):
             print(f"  {x['layer']:3d} | {mean(d):6.1f} ({min(d):.1f}-{max(d):.1f}) | {mean(x['entropy']):.2f} | "
                   f"{mean(x['head_kl']):.3f} | {mean(x['nmi']):.3f}")
         model.cpu()
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(dict(data=args.data, split=args.split, num_images=len(dataset), img_size=img_size,
                        batch_size=args.batch_size, definitions=DEFINITIONS, checkpoints=results), f)

@@ -1,5 +1,6 @@
 """
-Data for every script: the transforms of the papers, the datasets behind `--data`, and a loader that resumes exactly.
+Data for every script: the transforms of the papers, the datasets behind `--data`, a loader that resumes exactly, and
+the pictures every script writes (labelled image grids, loss curves).
 
     ds = build_dataset(args.data, "train", pretrain_transform(224), data_dir=args.data_dir, img_size=224)
     loader = build_loader(ds, args.batch_size, train=True, workers=args.workers, seed=args.seed)
@@ -15,8 +16,10 @@ the dataset seeds torch's RNG with it around the transform. The augmentation of 
 whatever the number of workers, processes, or where the run was stopped, and `set_epoch(e, skip_batches=k)`
 continues an epoch at batch k without loading the first k batches.
 """
+import json
 import math
 import os
+import signal
 import warnings
 
 import numpy as np
@@ -97,35 +100,6 @@ def denormalize(x):
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
     return (x * std + mean).clamp(0, 1)
-
-
-def spread(labels, n):
-    """Indices of n pictures spread over the classes: the first image of each class in class order, then the second
-    of each, and so on. Fixed for a dataset (no seed), so every run and every epoch shows the same images."""
-    by_class = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
-    rounds = [[idx[r] for _, idx in sorted(by_class.items()) if r < len(idx)] for r in range(n)]
-    return [i for row in rounds for i in row][:n]
-
-
-def save_grid(rows, labels, path, min_size=96):
-    """A PNG of image rows, (n, 3, H, W) in [0, 1] each, one column per image and a label left of each row; images
-    smaller than min_size are enlarged (nearest), so 32-px pictures stay readable."""
-    from PIL import ImageDraw, ImageFont
-    scale = max(1, math.ceil(min_size / rows[0].shape[-1]))
-    grid = torch.cat([r.float().cpu() for r in rows])  # (rows * n, 3, H, W)
-    grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
-    grid = torchvision.utils.make_grid(grid, nrow=len(rows[0]), padding=2, pad_value=1.0)  # (3, Hg, Wg)
-    image = T.functional.to_pil_image(grid)
-    font = ImageFont.load_default()
-    width = 8 + max(ImageDraw.Draw(image).textlength(t, font=font) for t in labels)
-    canvas = Image.new("RGB", (image.width + int(width), image.height), "white")
-    canvas.paste(image, (int(width), 0))
-    draw, h = ImageDraw.Draw(canvas), (image.height - 2) / len(rows)
-    for k, text in enumerate(labels):
-        draw.text((4, 2 + h * k + h / 2 - 5), text, fill="black", font=font)
-    canvas.save(path)
 
 
 # -----------------------------------------------------------------------------
@@ -308,6 +282,15 @@ def _npz(path):
     return torch.from_numpy(x).permute(0, 3, 1, 2), y.tolist(), classes  # a CHW view, no copy
 
 
+def _readable(path):
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):  # PIL raises these for truncated or foreign files
+        return False
+
+
 def _subdirs(path):
     return sorted(e.name for e in os.scandir(path) if e.is_dir())
 
@@ -391,6 +374,8 @@ def build_dataset(data, split, transform, data_dir="data", img_size=224, seed=0,
         kind, (source, labels, classes) = "files", _folder(root, classes)
     else:
         kind, (source, labels, classes) = "files", _folder(data)
+    if kind == "files" and not any(_readable(f) for f in source):  # else the loader would raise mid-training
+        raise ValueError(f"--data {data}: none of the {len(source)} image files can be read, e.g. {source[0]}")
     if num_images is not None and num_images != len(labels):
         if num_images > len(labels):
             raise ValueError(f"--num-images {num_images}: --data {data} has only {len(labels)} {split} images")
@@ -463,4 +448,57 @@ def build_loader(dataset, batch_size, train, workers=8, seed=0, drop_last=None):
     # DataLoader would draw that seed from the global RNG on each epoch and shift the training randomness.
     return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_ctrl_c)
+
+
+def _ignore_ctrl_c(worker_id):
+    """A Ctrl-C reaches the loader's workers too; the training process decides when to stop (after its step)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# -----------------------------------------------------------------------------
+# Pictures every script writes
+
+def spread(labels, n):
+    """Indices of n pictures spread over the classes: the first image of each class in class order, then the second
+    of each, and so on. Fixed for a dataset (no seed), so every run and every epoch shows the same images."""
+    by_class = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    rounds = [[idx[r] for _, idx in sorted(by_class.items()) if r < len(idx)] for r in range(n)]
+    return [i for row in rounds for i in row][:n]
+
+
+def save_grid(rows, labels, path, min_size=96):
+    """A PNG of image rows, (n, 3, H, W) in [0, 1] each, one column per image and a label left of each row; images
+    smaller than min_size are enlarged (nearest), so 32-px pictures stay readable."""
+    from PIL import ImageDraw, ImageFont
+    scale = max(1, math.ceil(min_size / rows[0].shape[-1]))
+    grid = torch.cat([r.float().cpu() for r in rows])  # (rows * n, 3, H, W)
+    grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(grid, nrow=len(rows[0]), padding=2, pad_value=1.0)  # (3, Hg, Wg)
+    image = T.functional.to_pil_image(grid)
+    font = ImageFont.load_default()
+    width = 8 + max(ImageDraw.Draw(image).textlength(t, font=font) for t in labels)
+    canvas = Image.new("RGB", (image.width + int(width), image.height), "white")
+    canvas.paste(image, (int(width), 0))
+    draw, h = ImageDraw.Draw(canvas), (image.height - 2) / len(rows)
+    for k, text in enumerate(labels):
+        draw.text((4, 2 + h * k + h / 2 - 5), text, fill="black", font=font)
+    canvas.save(path)
+
+
+def plot_log(out, keys=("loss",)):
+    """OUT/log.jsonl -> OUT/loss.png: each key (loss; top1 for fine-tuning) against the optimizer step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(out, "log.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot([r["step"] for r in recs if key in r], [r[key] for r in recs if key in r], marker=".")
+        ax.set_xlabel("optimizer step"), ax.set_title(key), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"), dpi=100)
+    plt.close(fig)

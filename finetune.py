@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 
@@ -78,14 +79,31 @@ LINPROBE = dict(epochs=90, warmup_epochs=10, blr=0.1, min_lr=0.0, weight_decay=0
                 cutmix=0.0, smoothing=0.0, reprob=0.0, randaug=0, layer_decay=1.0, drop_path=0.0, clip_grad=0.0)
 SMALL_IMAGES = dict(mixup=0.0, cutmix=0.0, reprob=0.0)  # img_size <= 96: see the docstring
 NO_DECAY = ("pos_embed", "cls_token", "relative_position_bias_table")
+PRESETS = {
+    # the CPU demo: ViT-Tiny/4 (6 blocks) from scratch (or --pretrained, e.g. the encoder of `mae.py --preset tiny`)
+    # on 2048 synthetic 32-px images of 10 shapes, 8 epochs, about 2 min on a core; the top-1 climbs from chance
+    "tiny": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, num_images=2048,
+                 batch_size=64, epochs=8, warmup_epochs=1, blr=2e-3, device="cpu", compile=False, workers=1,
+                 log_every=16),
+}
+EXAMPLES = """examples:
+  python finetune.py --preset tiny                                    # CPU demo: from scratch on synthetic shapes
+  python finetune.py --preset tiny --pretrained runs/mae/encoder.pth   # the same from `python mae.py --preset tiny`
+  torchrun --nproc_per_node=8 finetune.py --recipe mae --pretrained mae_pretrain_vit_base.pth --batch-size 32 \\
+      --accum-iter 4 --data /imagenet                                 # MAE ViT-B: 83.6
+"""
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, help="a named configuration (explicit flags still win; with "
+                   "--pretrained the checkpoint's architecture)")
     # what to train
     p.add_argument("--pretrained", default=None, help="any checkpoint vit.py / swin.py read (ours, timm, MAE, DeiT, "
                    "DINO, SimMIM, LocalMIM, MaskAlign, torchvision, CLIP); init:PATH = PATH's architecture from "
                    "scratch (the baseline of exactly that model); none = --model from scratch")
+    p.add_argument("--unsafe-load", action="store_true", help="let --pretrained run the code it pickles (only for "
+                   "files you trust; public checkpoints do not need it)")
     p.add_argument("--recipe", choices=list(RECIPES), default="simmim", help="whose fine-tuning defaults to use")
     p.add_argument("--linear-probe", action="store_true", help="frozen encoder, BatchNorm + linear head, LARS (MAE)")
     p.add_argument("--probe-block", type=int, default=None, help="linear probe on the average patch token of this "
@@ -96,6 +114,8 @@ def get_args(argv=None):
     # data and model
     p.add_argument("--data", default="synthetic", help="synthetic | cifar10 | cifar100 | stl10 | ImageFolder root | .npz")
     p.add_argument("--data-dir", default="data", help="where torchvision datasets are (downloaded)")
+    p.add_argument("--num-images", type=int, default=None, help="training images: the epoch length of synthetic, "
+                   "a fixed subset otherwise")
     p.add_argument("--model", default=None, help="a name of vit.py or swin.py (default vit_base_patch16_224); with "
                    "--pretrained the checkpoint sets the architecture")
     p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's, else 224")
@@ -127,14 +147,19 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
-                   help="autocast dtype (default: bf16 on a GPU that supports it, else none)")
+                   help="autocast dtype (default: bf16 where the GPU or CPU runs it natively, else none)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="model.compile() (default: on for CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seeds the head, augmentation and data order (+ rank)")
+    p.add_argument("--workers", type=int, default=8, help="data loader processes (capped by the CPUs available)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
     p.add_argument("--save-every", type=int, default=1, help="epochs between checkpoints (and always at the end)")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
+    if args.preset and args.pretrained:  # the checkpoint decides the architecture, not the preset
+        args.model = args.model if args.model != PRESETS[args.preset].get("model") else None
+        for name in ("depth", "model_patch_size"):
+            if getattr(args, name) == PRESETS[args.preset].get(name):
+                setattr(args, name, None)
     if args.eval and (not args.pretrained or args.pretrained.startswith("init:") or args.linear_probe or args.resume):
         p.error("--eval needs --pretrained CLASSIFIER and takes neither --linear-probe nor --resume")
     if args.probe_block is not None and (not args.linear_probe or args.probe_block < 1):
@@ -146,13 +171,9 @@ def get_args(argv=None):
         v = getattr(args, name)
         if v is not None and not lo <= v <= hi:
             p.error(f"--{name.replace('_', '-')} {v}: must be in [{lo}, {hi:g}]")
-    for name in ("batch_size", "accum_iter", "epochs", "blr", "lr", "img_size"):
+    for name in ("blr", "lr"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
-    if args.amp is None:
-        args.amp = "bf16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "none"
-    if args.compile is None:
-        args.compile = args.device.startswith("cuda")
     return args
 
 
@@ -189,10 +210,12 @@ def read_arch(args):
     if args.pretrained:
         path = args.pretrained.removeprefix("init:")
         try:
-            family, (sd, arch) = "vit", vit.load_checkpoint(path)
+            family, (sd, arch) = "vit", vit.load_checkpoint(path, args.unsafe_load)
         except ValueError as e:
+            if "not a ViT checkpoint" not in str(e):  # refused, unreadable: reading it as a Swin would not help
+                raise
             try:
-                family, (sd, arch) = "swin", swin.load_checkpoint(path)
+                family, (sd, arch) = "swin", swin.load_checkpoint(path, args.unsafe_load)
             except ValueError:
                 raise ValueError(f"{e}; not a Swin checkpoint either") from None
         sd = None if args.pretrained.startswith("init:") else sd
@@ -332,16 +355,70 @@ class LARS(torch.optim.Optimizer):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Training helpers (SHARED: identical in every method file so each file stands alone; tests hold them together)
+# Run machinery (SHARED: identical in every method file so each file stands alone; tests/test_common.py holds them)
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: every default shown, and the examples kept as written."""
+
+
+def parse(p, argv):
+    """argparse with --preset (its values become the defaults, so explicit flags still win), then every number in
+    range: one line naming the flag, exit code 2. --workers is capped by the CPUs this process may use."""
+    args = p.parse_args(argv)
+    if getattr(args, "preset", None):
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
+    for name, v in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            p.error(f"{flag} {v}: must be a finite number")
+        if name in AT_LEAST_ONE and v < 1:
+            p.error(f"{flag} {v}: must be at least 1")
+        if name in NON_NEGATIVE and v < 0:
+            p.error(f"{flag} {v}: must not be negative")
+        if name == "drop_path" and not 0 <= v < 1:
+            p.error(f"{flag} {v}: must be in [0, 1)")
+    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if getattr(args, "workers", 0) > max(cpus - 1, 0):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: --workers {args.workers} capped at {max(cpus - 1, 0)}: {cpus} CPU(s) per process, one "
+                  f"of them training")
+        args.workers = max(cpus - 1, 0)
+    if getattr(args, "amp", "") is None:  # bf16 where the device has it natively: a GPU, or a CPU with AVX512-BF16/AMX
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu_bf16 = "_bf16" in f.read()
+        except OSError:  # not Linux: fp32
+            cpu_bf16 = False
+        cuda = args.device.startswith("cuda")
+        args.amp = "bf16" if (cuda and torch.cuda.is_bf16_supported()) or (not cuda and cpu_bf16) else "none"
+    if getattr(args, "compile", "") is None:
+        args.compile = args.device.startswith("cuda")
+    return args
+
+
+AT_LEAST_ONE = {"batch_size", "accum_iter", "epochs", "log_every", "save_every", "img_size", "model_patch_size",
+                "depth", "window_size", "num_images", "mask_patch_size", "decoder_dim", "decoder_depth",
+                "decoder_heads", "nbins", "top_k"}
+NON_NEGATIVE = {"blr", "lr", "min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "clip_grad", "steps", "workers",
+                "vis_every", "seed"}
+# what --resume may change: where and how fast the run goes, never what it computes (maskalign.py checks its
+# teacher by the sha256 of the weights, not by the path)
+FREE_FLAGS = {"resume", "out", "steps", "workers", "log_every", "save_every", "vis_every", "device", "compile",
+              "data_dir", "unsafe_load", "teacher"}
+
 
 def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs a single process. NCCL on GPUs, gloo on CPUs."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs a single process. NCCL on GPUs (gloo for the
+    small CPU tensors of the stop signal), gloo on CPUs."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(args.device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if args.device.startswith("cuda"):
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=torch.device("cuda", local))
         return rank, world, torch.device("cuda", local)
     dist.init_process_group("gloo")
     return rank, world, torch.device("cpu")
@@ -359,6 +436,112 @@ def build_encoder(args, **kw):
     return swin.create_model(args.model, img_size=args.img_size, num_classes=0, **kw)
 
 
+def prepare_out(args, master, checkpoints=True):
+    """--out is a writable folder; one that holds a checkpoint is continued only with --resume (checkpoints=False:
+    a run that writes none); the .tmp files of a save that was killed go. -> the path of ckpt.pt"""
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as e:
+        sys.exit(f"error: --out {args.out}: not a writable folder ({e.strerror})")
+    if args.resume and not os.path.exists(ckpt):
+        sys.exit(f"error: --resume: no checkpoint at {ckpt}")
+    if checkpoints and not args.resume and os.path.exists(ckpt):
+        sys.exit(f"error: --out {args.out} holds the checkpoint of an earlier run: continue it with --resume, or "
+                 f"choose another --out")
+    for name in os.listdir(args.out) if master else ():
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(args.out, name))
+    return ckpt
+
+
+def resume_from(path, args, model, opt, scaler, master):
+    """ckpt.pt into the model, optimizer and scaler. Refused in one line: an unreadable file, another architecture,
+    or other flags than the run was started with (only FREE_FLAGS may change). Trims log.jsonl to its step."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        stored = ckpt["args"]
+    except Exception as e:  # truncated, text, another program's file
+        sys.exit(f"error: --resume: {path} is not a checkpoint of this script ({type(e).__name__})")
+    changed = [f"--{k.replace('_', '-')} {v} (the checkpoint's: {stored[k]})" for k, v in vars(args).items()
+               if k not in FREE_FLAGS and k in stored and stored[k] != v]
+    if changed:
+        sys.exit(f"error: --resume: {path} was trained with other flags: {'; '.join(changed)}; only "
+                 f"{', '.join('--' + f.replace('_', '-') for f in sorted(FREE_FLAGS))} may change")
+    try:
+        model.load_state_dict(ckpt["model"])  # strict
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        sys.exit(f"error: --resume: {path} does not fit this model ({str(e).strip().splitlines()[-1][:200]})")
+    if master:
+        trim_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
+    return ckpt
+
+
+def trim_log(path, step):
+    """--resume: drop the log records written after the checkpoint (a crash between two saves), which the resumed
+    run writes again, so that log.jsonl holds each step once; and a last line the crash cut short (no newline)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def save_files(files, step, ckpt_path):
+    """{path: {'model': state dict, ...}}, written together: every file to .tmp first, then the renames, so a crash
+    never breaks the last good checkpoint and ckpt.pt and the exports hold the same step. Weights that are not
+    finite are never written: the run stops, naming the last good checkpoint."""
+    for obj in files.values():
+        if not all(v.isfinite().all() for v in obj["model"].values() if v.is_floating_point()):
+            sys.exit(f"error: the weights are not finite at step {step}; nothing saved ({last_good(ckpt_path)})")
+    for path, obj in files.items():
+        torch.save(obj, path + ".tmp")
+    for path in files:
+        os.replace(path + ".tmp", path)
+
+
+def last_good(ckpt_path):
+    return f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "there is no checkpoint yet"
+
+
+STOP = []  # signals received: the loop ends after the current optimizer step
+
+
+def catch_signals():
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun's way to pass a Ctrl-C on): finish the optimizer step, save, end with one
+    line. A second Ctrl-C quits at once, without saving. Installed by `python x.py` only, not by in-process tests."""
+    def handler(signum, frame):
+        if STOP:
+            os._exit(130)
+        STOP.append(signum)
+        print("\nstopping after this step (Ctrl-C again: quit now, without saving)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_requested(world):
+    """True on every rank once any rank got a signal, so that all stop at the same step (a tiny gloo all-reduce)."""
+    flag = torch.tensor([float(len(STOP) > 0)])
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def finish(world, master, message, code=0):
+    """The run's last line (rank 0) once the process group is gone; code 130 = interrupted."""
+    if world > 1:
+        dist.destroy_process_group()
+    if master:
+        print(message, file=sys.stderr if code else sys.stdout, flush=True)
+    if code:
+        sys.exit(code)
+
+
 def peak_memory_mb(device):
     """Peak memory of this process: allocated CUDA memory on a GPU, resident set size on a CPU."""
     if device.type == "cuda":
@@ -374,23 +557,6 @@ def param_groups(model, weight_decay, skip=()):
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in skip) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never destroys the previous checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def trim_log(path, step):
-    """--resume: drop the log records written after the checkpoint (a crash between two saves), which the resumed
-    run writes again, so that log.jsonl holds each step once; and a last line the crash cut short (no newline)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
 
 
 def mae_lr(step, total, warmup, lr, min_lr):
@@ -430,7 +596,7 @@ def main(args):
     torch.manual_seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = prepare_out(args, master, checkpoints=not args.eval)
 
     try:  # user errors in data or checkpoints end with one line, not a traceback
         family, arch, sd = read_arch(args)
@@ -441,7 +607,8 @@ def main(args):
         val = data.build_dataset(args.data, "val", data.eval_transform(args.img_size), args.data_dir, args.img_size)
         model, missing, unexpected = build_model(args, family, arch, sd, val.num_classes)
         if not args.eval:
-            train = data.build_dataset(args.data, "train", train_tf, args.data_dir, args.img_size)
+            train = data.build_dataset(args.data, "train", train_tf, args.data_dir, args.img_size,
+                                       num_images=args.num_images)
             loader = data.build_loader(train, args.batch_size, train=True, workers=args.workers, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -455,12 +622,9 @@ def main(args):
     if args.eval:
         top1, top5 = evaluate(model, val_loader, device, amp, world)
         if master:
-            print(f"{args.pretrained}: top-1 {top1:.2f} top-5 {top5:.2f} on {len(val)} images")
             with open(log_path, "a") as f:
                 f.write(json.dumps({"eval": args.pretrained, "top1": top1, "top5": top5, "images": len(val)}) + "\n")
-        if world > 1:
-            dist.destroy_process_group()
-        return
+        return finish(world, master, f"{args.pretrained}: top-1 {top1:.2f} top-5 {top5:.2f} on {len(val)} images")
 
     if args.linear_probe:  # only the head learns; the encoder has no drop path (built with 0)
         for name, p in model.named_parameters():
@@ -474,24 +638,21 @@ def main(args):
     simmim = args.recipe == "simmim" and not args.linear_probe
     lr = args.lr or args.blr * batch / (512 if simmim else 256)  # SimMIM: per 512 images, MAE family: per 256
     min_lr, warmup_lr = (args.min_lr * batch / 512, args.warmup_lr * batch / 512) if simmim else (args.min_lr, 0.0)
+    if not math.isfinite(lr):
+        sys.exit(f"error: --blr {args.blr}: gives an LR of {lr} at batch {batch}")
     steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        sys.exit(f"error: --accum-iter {args.accum_iter}: more than the {len(loader)} batches of an epoch")
     total = args.epochs * steps_per_epoch
     warmup = int(args.warmup_epochs * steps_per_epoch)
+    last = min(args.steps, total) if args.steps else total
     mix = [m(alpha=a, num_classes=val.num_classes) for a, m in ((args.mixup, v2.MixUp), (args.cutmix, v2.CutMix)) if a]
     mix = v2.RandomChoice(mix) if mix else None  # MixUp or CutMix per batch, each with probability 1/2
 
     step, best = 0, 0.0
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])  # strict: a checkpoint of another architecture is refused
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        ckpt = resume_from(ckpt_path, args, model, opt, scaler, master)
         step, best = ckpt["step"], ckpt["best_top1"]
-        if master:
-            trim_log(os.path.join(args.out, "log.jsonl"), step)
     raw = model  # what is saved: never the compiled or DDP wrapper (no `_orig_mod.` / `module.` prefixes)
     if args.compile:
         model.compile()  # in place, so state-dict keys stay clean
@@ -510,20 +671,21 @@ def main(args):
             print("compiling... (the first steps are slow)")
 
     def save():
-        atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": step // steps_per_epoch, "step": step, "args": vars(args), "best_top1": best}, ckpt_path)
-        atomic_save({"model": raw.state_dict(), "arch": raw.arch, "num_classes": val.num_classes},
-                    os.path.join(args.out, "classifier.pth"))  # timm layout; vit/swin.load_checkpoint read it
+        save_files({os.path.join(args.out, "classifier.pth"): {"model": raw.state_dict(), "arch": raw.arch, "step": step,
+                                                                "num_classes": val.num_classes},
+                    ckpt_path: {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                                "epoch": step // steps_per_epoch, "step": step, "args": vars(args), "best_top1": best}},
+                   step, ckpt_path)  # classifier.pth: timm layout; vit/swin.load_checkpoint read it
 
-    last = args.steps or total
     model.train()
     log_loss = torch.zeros((), device=device)  # summed on the device; read at log steps only (a host sync)
     bad = torch.zeros((), device=device)  # > 0 once a loss was not finite
-    logged, t0, seen = 0, time.time(), 0
+    logged, t0, seen, t_start, step0 = 0, time.time(), 0, time.time(), step
+    bar = tqdm(total=last, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     while step < last:
         epoch, skip = divmod(step, steps_per_epoch)
+        bar.set_description(f"epoch {epoch + 1}/{args.epochs}")
         loader.sampler.set_epoch(epoch, skip_batches=skip * args.accum_iter)
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True)
         for i, (img, y) in enumerate(loader):
             if i >= (steps_per_epoch - skip) * args.accum_iter:  # a last partial accumulation is not a step
                 break
@@ -538,10 +700,10 @@ def main(args):
                 g["lr"] = (simmim_lr(step, total, warmup, lr * g.get("lr_scale", 1.0), warmup_lr, min_lr) if simmim
                            else mae_lr(step, total, warmup, lr, min_lr) * g.get("lr_scale", 1.0))
             sync = (i + 1) % args.accum_iter == 0
-            with amp, (model.no_sync() if world > 1 and not sync else contextlib.nullcontext()):
-                # soft-target cross-entropy; smoothing on the mixed targets equals timm's smoothing before mixing
-                loss = F.cross_entropy(model(img).float(), y, label_smoothing=args.smoothing)
-                scaler.scale(loss / args.accum_iter).backward()
+            with model.no_sync() if world > 1 and not sync else contextlib.nullcontext():
+                with amp:  # soft-target cross-entropy; smoothing on the mixed targets = timm's smoothing before mixing
+                    loss = F.cross_entropy(model(img).float(), y, label_smoothing=args.smoothing)
+                scaler.scale(loss / args.accum_iter).backward()  # outside autocast, as PyTorch recommends
             bad += ~torch.isfinite(loss.detach())  # checked at log steps and before saving: no per-step host sync
             log_loss += loss.detach() / args.accum_iter
             if not sync:
@@ -554,16 +716,17 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             step, logged, seen = step + 1, logged + 1, seen + img.shape[0] * args.accum_iter * world
             bar.update()
-            if step % args.log_every == 0 or step >= last or step % steps_per_epoch == 0:
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % args.log_every == 0 or step >= last or end_of_epoch:
                 if world > 1:
                     dist.all_reduce(log_loss), dist.all_reduce(bad)
                 if bad.item() > 0:
-                    sys.exit(f"error: loss is not finite at step {step}; stopped without saving "
-                             f"(the last good checkpoint, if any, is {ckpt_path})")
+                    sys.exit(f"error: the loss is not finite at step {step}; stopped without saving "
+                             f"({last_good(ckpt_path)})")
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": log_loss.item() / logged / world,
                        "lr": max(g["lr"] for g in opt.param_groups), "img_per_s": round(seen / (time.time() - t0), 1),
                        "peak_mem_mb": round(peak_memory_mb(device))}
-                if step % steps_per_epoch == 0 or step >= last:  # evaluate every epoch and at the end
+                if end_of_epoch or step >= last:  # evaluate every epoch and at the end
                     rec["top1"], rec["top5"] = evaluate(raw, val_loader, device, amp, world)
                     best = rec["best_top1"] = max(best, rec["top1"])
                 if master:
@@ -572,16 +735,24 @@ def main(args):
                         f.write(json.dumps(rec) + "\n")
                 log_loss.zero_()
                 logged, t0, seen = 0, time.time(), 0
+            stopping = stop_requested(world)
+            if master and (stopping or step >= last or (end_of_epoch and (step // steps_per_epoch) % args.save_every == 0)):
+                save()
+            if stopping:
+                bar.close()
+                return finish(world, master, f"interrupted at step {step}; continue with --resume", code=130)
             if step >= last:
                 break
-        bar.close()
-        if master and (step >= last or (step // steps_per_epoch) % args.save_every == 0):
-            save()  # the loss was checked at the epoch's last step above
+    bar.close()
     if master:
-        print(f"best top-1 {best:.2f}; the last model is {args.out}/classifier.pth")
-    if world > 1:
-        dist.destroy_process_group()
+        data.plot_log(args.out, keys=("loss", "top1"))
+    minutes = (time.time() - t_start) / 60
+    top1 = next((r["top1"] for r in reversed([json.loads(x) for x in open(log_path)]) if "top1" in r), None) \
+        if master else None
+    finish(world, master, f"done: {step - step0} steps in {minutes:.1f} min; final top-1 {top1} (best {best}); "
+                          f"{args.out}/ holds classifier.pth (the last model), ckpt.pt, log.jsonl, loss.png")
 
 
 if __name__ == "__main__":
+    catch_signals()
     main(get_args())

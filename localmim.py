@@ -35,6 +35,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -42,7 +43,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -53,18 +53,32 @@ import swin
 # (epochs, blr, min_lr, nbins, hog_bias) of the official READMEs and run_pretrain.py (batch 2048; ViT-L 4096)
 RECIPES = {"vit": (1600, 2e-4, 1e-6, 9, False), "vit_large": (800, 1.5e-4, 1e-6, 18, True),
            "swin": (400, 1e-4, 0.0, 18, True), "swin_large": (800, 1e-4, 0.0, 18, True)}
+PRESETS = {
+    # the CPU demo: ViT-Tiny/8 (4 blocks, one local layer each) on synthetic 64-px images, about 2 min on a core
+    "tiny": dict(model="vit_tiny_patch16_224", img_size=64, model_patch_size=8, depth=4, num_images=1536,
+                 batch_size=32, epochs=6, warmup_epochs=1, blr=1.5e-3, device="cpu", compile=False, workers=1,
+                 log_every=16, vis_every=3),
+}
+EXAMPLES = """examples:
+  python localmim.py --preset tiny                                            # CPU demo, synthetic images, ~2 min
+  torchrun --nproc_per_node=8 localmim.py --data /imagenet                    # ViT-B/16, 1600 ep, HOG, 2048/step
+  torchrun --nproc_per_node=8 localmim.py --model swin_base_patch4_window7_224 --data /imagenet   # Swin-B, 400 ep
+"""
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Arguments: the official recipe is the default
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, help="a named configuration (explicit flags still win); without it: "
+                   "the official recipe of the --model family")
     # data and model
     p.add_argument("--data", default="synthetic", help="synthetic | cifar10 | cifar100 | stl10 | ImageFolder root | .npz")
     p.add_argument("--data-dir", default="data", help="where torchvision datasets are (downloaded)")
+    p.add_argument("--num-images", type=int, default=None, help="epoch length of synthetic; a fixed subset otherwise")
     p.add_argument("--model", default="vit_base_patch16_224", help="a name of vit.py or swin.py, spelled as in timm")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--model-patch-size", type=int, default=None, help="ViT patch size (default: the model name's); "
                    "e.g. 4 for 32-px images")
     p.add_argument("--depth", type=int, default=None, help="ViT blocks (default: the model name's); fewer for CPU runs")
@@ -73,15 +87,16 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="per process (official: 256 x 8 GPUs)")
     p.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimizer step")
     p.add_argument("--epochs", type=int, default=None, help="1600 ViT-B, 800 ViT-L, 400 Swin-B, 800 Swin-L")
-    p.add_argument("--warmup-epochs", type=float, default=40)
+    p.add_argument("--warmup-epochs", type=float, default=40, help="linear warmup from 0, then a half cosine")
     p.add_argument("--blr", type=float, default=None, help="base LR; absolute LR = blr * total batch / 256 "
                    "(2e-4 ViT-B, 1.5e-4 ViT-L, 1e-4 Swin)")
     p.add_argument("--min-lr", type=float, default=None, help="1e-6 ViT, 0 Swin")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max grad norm; 0 = off (the official recipe)")
     p.add_argument("--steps", type=int, default=0, help="stop after this many optimizer steps (0 = all epochs)")
     # LocalMIM
-    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of the patches (ViT) or 32-px units "
+                   "(Swin) removed")
     p.add_argument("--target", choices=["hog", "pixel"], default="hog", help="pixel: per-cell normalised patches")
     p.add_argument("--nbins", type=int, default=None, help="HOG orientation bins: 9 ViT-B, 18 ViT-L and Swin")
     p.add_argument("--hog-bias", action=argparse.BooleanOptionalAction, default=None,
@@ -93,16 +108,16 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
-                   help="autocast dtype (default: bf16 on a GPU that supports it, else none)")
+                   help="autocast dtype (default: bf16 where the GPU or CPU runs it natively, else none)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="model.compile() (default: on for CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seeds the model, masks and data order (+ rank)")
+    p.add_argument("--workers", type=int, default=8, help="data loader processes (capped by the CPUs available)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
     p.add_argument("--save-every", type=int, default=1, help="epochs between checkpoints (and always at the end)")
     p.add_argument("--vis-every", type=int, default=50, help="epochs between target/prediction pictures "
                    "(and always at the end)")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     is_vit = args.model in vit.SIZES
     if not is_vit and args.model not in swin.SIZES:
         p.error(f"--model {args.model}: choose one of {', '.join(list(vit.SIZES) + list(swin.SIZES))}")
@@ -115,6 +130,9 @@ def get_args(argv=None):
         p.error(f"--mask-ratio {args.mask_ratio}: must be in (0, 1)")
     if args.nbins < 1:
         p.error(f"--nbins {args.nbins}: must be at least 1")
+    for name in ("epochs", "blr", "min_lr"):  # the recipe filled them after parse() checked the flags
+        if not 0 <= getattr(args, name) < math.inf:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a finite number >= 0")
     if is_vit:
         _, depth, _, patch = vit.SIZES[args.model]
         depth, patch = args.depth or depth, args.model_patch_size or patch
@@ -128,10 +146,6 @@ def get_args(argv=None):
     elif int(args.mask_ratio * (args.img_size // 32) ** 2) + 1 >= (args.img_size // 32) ** 2:
         p.error(f"--mask-ratio {args.mask_ratio} masks all {(args.img_size // 32) ** 2} mask units of 32 px at "
                 f"--img-size {args.img_size}; use a larger image (224: 37 of 49 masked) or a smaller ratio")
-    if args.amp is None:
-        args.amp = "bf16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "none"
-    if args.compile is None:
-        args.compile = args.device.startswith("cuda")
     return args
 
 
@@ -403,37 +417,95 @@ def hog_colors(h, nbins):
 
 @torch.no_grad()
 def picture(model, img, mask, path):
-    """One row per image: [masked input | target, prediction] per scale, finest first. A prediction panel shows the
-    prediction on the masked cells (the only ones trained) and the target on the visible ones. Pixel targets are
-    drawn de-normalised with the statistics of the true cell."""
+    """One column per image; rows: the masked input, then per scale (finest first) the target and the prediction.
+    A prediction panel shows the prediction on the masked cells (the only ones trained) and the target on the
+    visible ones. HOG cells are coloured by orientation; pixel targets are drawn with the true cell's statistics."""
+    was_training = model.training
+    model.eval()
     _, _, preds, targets, masks = model(img, mask)
+    model.train(was_training)
     size = img.shape[-1]
-    up = lambda x: F.interpolate(x.float(), size=(size * max(1, 128 // size),) * 2)  # noqa: E731 (nearest)
+    up = lambda x: F.interpolate(x.float(), size=(size, size))  # noqa: E731 (nearest): every panel at image size
     hidden = mask_to_scale(mask, size).view(-1, 1, size, size)
-    cols = [up(data.denormalize(img) * (1 - hidden) + 0.5 * hidden)]
+    rows, labels = [data.denormalize(img) * (1 - hidden) + 0.5 * hidden], ["masked"]
     for p, t, m, c in zip(preds, targets, masks, model.cells):
         p = torch.where(m[..., None] > 0, p.float(), t)
-        for x in (t, p):
+        for x, what in ((t, "target"), (p, "pred.")):
             if model.hog is not None:
-                cols.append(up(hog_colors(x, model.hog.nbins)))
+                rows.append(up(hog_colors(x, model.hog.nbins)))
             else:
                 cells = patchify(img, c)
                 x = x * (cells.var(-1, keepdim=True) + 1e-6).sqrt() + cells.mean(-1, keepdim=True)
-                cols.append(up(data.denormalize(unpatchify(x, c, size))))
-    torchvision.utils.save_image(torch.stack(cols, 1).flatten(0, 1), path, nrow=len(cols), pad_value=1.0)
+                rows.append(up(data.denormalize(unpatchify(x, c, size))))
+            labels.append(f"{what} {c} px")
+    data.save_grid(rows, labels, path, min_size=128)
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Training helpers (SHARED: identical in every method file so each file stands alone; tests hold them together)
+# Run machinery (SHARED: identical in every method file so each file stands alone; tests/test_common.py holds them)
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: every default shown, and the examples kept as written."""
+
+
+def parse(p, argv):
+    """argparse with --preset (its values become the defaults, so explicit flags still win), then every number in
+    range: one line naming the flag, exit code 2. --workers is capped by the CPUs this process may use."""
+    args = p.parse_args(argv)
+    if getattr(args, "preset", None):
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
+    for name, v in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            p.error(f"{flag} {v}: must be a finite number")
+        if name in AT_LEAST_ONE and v < 1:
+            p.error(f"{flag} {v}: must be at least 1")
+        if name in NON_NEGATIVE and v < 0:
+            p.error(f"{flag} {v}: must not be negative")
+        if name == "drop_path" and not 0 <= v < 1:
+            p.error(f"{flag} {v}: must be in [0, 1)")
+    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if getattr(args, "workers", 0) > max(cpus - 1, 0):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: --workers {args.workers} capped at {max(cpus - 1, 0)}: {cpus} CPU(s) per process, one "
+                  f"of them training")
+        args.workers = max(cpus - 1, 0)
+    if getattr(args, "amp", "") is None:  # bf16 where the device has it natively: a GPU, or a CPU with AVX512-BF16/AMX
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu_bf16 = "_bf16" in f.read()
+        except OSError:  # not Linux: fp32
+            cpu_bf16 = False
+        cuda = args.device.startswith("cuda")
+        args.amp = "bf16" if (cuda and torch.cuda.is_bf16_supported()) or (not cuda and cpu_bf16) else "none"
+    if getattr(args, "compile", "") is None:
+        args.compile = args.device.startswith("cuda")
+    return args
+
+
+AT_LEAST_ONE = {"batch_size", "accum_iter", "epochs", "log_every", "save_every", "img_size", "model_patch_size",
+                "depth", "window_size", "num_images", "mask_patch_size", "decoder_dim", "decoder_depth",
+                "decoder_heads", "nbins", "top_k"}
+NON_NEGATIVE = {"blr", "lr", "min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "clip_grad", "steps", "workers",
+                "vis_every", "seed"}
+# what --resume may change: where and how fast the run goes, never what it computes (maskalign.py checks its
+# teacher by the sha256 of the weights, not by the path)
+FREE_FLAGS = {"resume", "out", "steps", "workers", "log_every", "save_every", "vis_every", "device", "compile",
+              "data_dir", "unsafe_load", "teacher"}
+
 
 def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs a single process. NCCL on GPUs, gloo on CPUs."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs a single process. NCCL on GPUs (gloo for the
+    small CPU tensors of the stop signal), gloo on CPUs."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(args.device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if args.device.startswith("cuda"):
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=torch.device("cuda", local))
         return rank, world, torch.device("cuda", local)
     dist.init_process_group("gloo")
     return rank, world, torch.device("cpu")
@@ -449,6 +521,112 @@ def build_encoder(args, **kw):
     if args.model_patch_size or args.depth:
         raise ValueError("--model-patch-size and --depth apply to ViT models only")
     return swin.create_model(args.model, img_size=args.img_size, num_classes=0, **kw)
+
+
+def prepare_out(args, master, checkpoints=True):
+    """--out is a writable folder; one that holds a checkpoint is continued only with --resume (checkpoints=False:
+    a run that writes none); the .tmp files of a save that was killed go. -> the path of ckpt.pt"""
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as e:
+        sys.exit(f"error: --out {args.out}: not a writable folder ({e.strerror})")
+    if args.resume and not os.path.exists(ckpt):
+        sys.exit(f"error: --resume: no checkpoint at {ckpt}")
+    if checkpoints and not args.resume and os.path.exists(ckpt):
+        sys.exit(f"error: --out {args.out} holds the checkpoint of an earlier run: continue it with --resume, or "
+                 f"choose another --out")
+    for name in os.listdir(args.out) if master else ():
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(args.out, name))
+    return ckpt
+
+
+def resume_from(path, args, model, opt, scaler, master):
+    """ckpt.pt into the model, optimizer and scaler. Refused in one line: an unreadable file, another architecture,
+    or other flags than the run was started with (only FREE_FLAGS may change). Trims log.jsonl to its step."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        stored = ckpt["args"]
+    except Exception as e:  # truncated, text, another program's file
+        sys.exit(f"error: --resume: {path} is not a checkpoint of this script ({type(e).__name__})")
+    changed = [f"--{k.replace('_', '-')} {v} (the checkpoint's: {stored[k]})" for k, v in vars(args).items()
+               if k not in FREE_FLAGS and k in stored and stored[k] != v]
+    if changed:
+        sys.exit(f"error: --resume: {path} was trained with other flags: {'; '.join(changed)}; only "
+                 f"{', '.join('--' + f.replace('_', '-') for f in sorted(FREE_FLAGS))} may change")
+    try:
+        model.load_state_dict(ckpt["model"])  # strict
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        sys.exit(f"error: --resume: {path} does not fit this model ({str(e).strip().splitlines()[-1][:200]})")
+    if master:
+        trim_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
+    return ckpt
+
+
+def trim_log(path, step):
+    """--resume: drop the log records written after the checkpoint (a crash between two saves), which the resumed
+    run writes again, so that log.jsonl holds each step once; and a last line the crash cut short (no newline)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def save_files(files, step, ckpt_path):
+    """{path: {'model': state dict, ...}}, written together: every file to .tmp first, then the renames, so a crash
+    never breaks the last good checkpoint and ckpt.pt and the exports hold the same step. Weights that are not
+    finite are never written: the run stops, naming the last good checkpoint."""
+    for obj in files.values():
+        if not all(v.isfinite().all() for v in obj["model"].values() if v.is_floating_point()):
+            sys.exit(f"error: the weights are not finite at step {step}; nothing saved ({last_good(ckpt_path)})")
+    for path, obj in files.items():
+        torch.save(obj, path + ".tmp")
+    for path in files:
+        os.replace(path + ".tmp", path)
+
+
+def last_good(ckpt_path):
+    return f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "there is no checkpoint yet"
+
+
+STOP = []  # signals received: the loop ends after the current optimizer step
+
+
+def catch_signals():
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun's way to pass a Ctrl-C on): finish the optimizer step, save, end with one
+    line. A second Ctrl-C quits at once, without saving. Installed by `python x.py` only, not by in-process tests."""
+    def handler(signum, frame):
+        if STOP:
+            os._exit(130)
+        STOP.append(signum)
+        print("\nstopping after this step (Ctrl-C again: quit now, without saving)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_requested(world):
+    """True on every rank once any rank got a signal, so that all stop at the same step (a tiny gloo all-reduce)."""
+    flag = torch.tensor([float(len(STOP) > 0)])
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def finish(world, master, message, code=0):
+    """The run's last line (rank 0) once the process group is gone; code 130 = interrupted."""
+    if world > 1:
+        dist.destroy_process_group()
+    if master:
+        print(message, file=sys.stderr if code else sys.stdout, flush=True)
+    if code:
+        sys.exit(code)
 
 
 def peak_memory_mb(device):
@@ -468,23 +646,6 @@ def param_groups(model, weight_decay, skip=()):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never destroys the previous checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def trim_log(path, step):
-    """--resume: drop the log records written after the checkpoint (a crash between two saves), which the resumed
-    run writes again, so that log.jsonl holds each step once; and a last line the crash cut short (no newline)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
-
-
 def mae_lr(step, total, warmup, lr, min_lr):
     """Linear warmup from 0, then a half-cycle cosine to min_lr; per optimizer step (MAE util/lr_sched.py)."""
     if step < warmup:
@@ -501,12 +662,14 @@ def main(args):
     torch.manual_seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = prepare_out(args, master)
 
     try:  # user errors in data, model or checkpoints end with one line, not a traceback
         dataset = data.build_dataset(args.data, "train", data.pretrain_transform(args.img_size, scale=(0.2, 1.0),
-                                     interpolation="bicubic"), args.data_dir, args.img_size)
+                                     interpolation="bicubic"), args.data_dir, args.img_size, num_images=args.num_images)
         loader = data.build_loader(dataset, args.batch_size, train=True, workers=args.workers, seed=args.seed)
+        shown = data.build_dataset(args.data, "train", data.eval_transform(args.img_size), args.data_dir,
+                                   args.img_size, num_images=args.num_images)
         is_vit = args.model in vit.SIZES  # MAE's fixed sin-cos positions; the official Swin uses LayerNorm eps 1e-6
         kw = {"pos_embed": "sincos"} if is_vit else {"norm_eps": 1e-6, "window_size": args.window_size}
         encoder = build_encoder(args, **{k: v for k, v in kw.items() if v is not None})
@@ -521,26 +684,24 @@ def main(args):
                          enabled=args.amp != "none")
     batch = args.batch_size * args.accum_iter * world
     lr = args.blr * batch / 256  # MAE's rule (main_pretrain.py)
+    if not math.isfinite(lr):
+        sys.exit(f"error: --blr {args.blr}: gives an LR of {lr} at batch {batch}")
     steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        sys.exit(f"error: --accum-iter {args.accum_iter}: more than the {len(loader)} batches of an epoch")
     total = args.epochs * steps_per_epoch
     warmup = int(args.warmup_epochs * steps_per_epoch)
+    last = min(args.steps, total) if args.steps else total
 
     step = 0
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])  # strict: a checkpoint of another architecture is refused
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        if master:
-            trim_log(os.path.join(args.out, "log.jsonl"), step)
+        step = resume_from(ckpt_path, args, model, opt, scaler, master)["step"]
     raw = model  # what is saved: never the compiled or DDP wrapper (no `_orig_mod.` / `module.` prefixes)
-    # a few fixed images and one fixed mask for the pictures, the same at every epoch
-    pic_img = torch.stack([dataset[(i, i)][0] for i in range(min(4, len(dataset)))]).to(device)
-    pic_mask = raw.random_mask(len(pic_img), device)
+    # a few fixed images (one per class where there are classes, un-augmented) and one fixed mask for the pictures
+    pic_img = torch.stack([shown[i][0] for i in data.spread(shown.labels, 4)]).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        pic_mask = raw.random_mask(len(pic_img), "cpu").to(device)
     if args.compile:
         model.compile()  # in place, so state-dict keys stay clean
     if world > 1:
@@ -559,26 +720,22 @@ def main(args):
         if args.compile:
             print("compiling... (the first steps are slow)")
 
-    def save(final):
-        atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": step // steps_per_epoch, "step": step, "args": vars(args)}, ckpt_path)
-        atomic_save({"model": raw.encoder.state_dict(), "arch": raw.encoder.arch},
-                    os.path.join(args.out, "encoder.pth"))
-        epoch = step // steps_per_epoch
-        if final or (args.vis_every and epoch % args.vis_every == 0):
-            name = f"{args.target}_{'final' if final else f'epoch{epoch}'}.png"  # hog_epoch50.png, hog_final.png
-            picture(raw, pic_img, pic_mask, os.path.join(args.out, name))
+    def save():
+        save_files({os.path.join(args.out, "encoder.pth"): {"model": raw.encoder.state_dict(),
+                                                             "arch": raw.encoder.arch, "step": step},
+                    ckpt_path: {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                                "epoch": step // steps_per_epoch, "step": step, "args": vars(args)}}, step, ckpt_path)
 
-    last = args.steps or total
     model.train()
     log_loss = torch.zeros((), device=device)  # summed on the device; read at log steps only (a host sync)
     log_terms = torch.zeros(4, device=device)  # the loss of each scale, finest first
     bad = torch.zeros((), device=device)  # > 0 once a loss was not finite
-    logged, t0, seen = 0, time.time(), 0
+    logged, t0, seen, t_start, step0 = 0, time.time(), 0, time.time(), step
+    bar = tqdm(total=last, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     while step < last:
         epoch, skip = divmod(step, steps_per_epoch)
+        bar.set_description(f"epoch {epoch + 1}/{args.epochs}")
         loader.sampler.set_epoch(epoch, skip_batches=skip * args.accum_iter)
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True)
         for i, (img, _) in enumerate(loader):
             if i >= (steps_per_epoch - skip) * args.accum_iter:  # a last partial accumulation is not a step
                 break
@@ -590,9 +747,10 @@ def main(args):
             for g in opt.param_groups:  # per-iteration schedule
                 g["lr"] = mae_lr(step, total, warmup, lr, args.min_lr) * g.get("lr_scale", 1.0)
             sync = (i + 1) % args.accum_iter == 0
-            with amp, (model.no_sync() if world > 1 and not sync else contextlib.nullcontext()):
-                loss, terms = model(img)[:2]
-                scaler.scale(loss / args.accum_iter).backward()
+            with model.no_sync() if world > 1 and not sync else contextlib.nullcontext():
+                with amp:
+                    loss, terms = model(img)[:2]
+                scaler.scale(loss / args.accum_iter).backward()  # outside autocast, as PyTorch recommends
             bad += ~torch.isfinite(loss.detach())  # checked at log steps and before saving: no per-step host sync
             log_loss += loss.detach() / args.accum_iter
             log_terms += terms.detach() / args.accum_iter
@@ -606,12 +764,13 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             step, logged, seen = step + 1, logged + 1, seen + img.shape[0] * args.accum_iter * world
             bar.update()
-            if step % args.log_every == 0 or step >= last or step % steps_per_epoch == 0:
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % args.log_every == 0 or step >= last or end_of_epoch:
                 if world > 1:
                     dist.all_reduce(log_loss), dist.all_reduce(log_terms), dist.all_reduce(bad)
                 if bad.item() > 0:
-                    sys.exit(f"error: loss is not finite at step {step}; stopped without saving "
-                             f"(the last good checkpoint, if any, is {ckpt_path})")
+                    sys.exit(f"error: the loss is not finite at step {step}; stopped without saving "
+                             f"({last_good(ckpt_path)})")
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": log_loss.item() / logged / world,
                        "lr": opt.param_groups[0]["lr"], "img_per_s": round(seen / (time.time() - t0), 1),
                        "peak_mem_mb": round(peak_memory_mb(device)),
@@ -622,14 +781,27 @@ def main(args):
                         f.write(json.dumps(rec) + "\n")
                 log_loss.zero_(), log_terms.zero_()
                 logged, t0, seen = 0, time.time(), 0
+            done = step // steps_per_epoch  # completed epochs, 1-based in the file names
+            if master and end_of_epoch and args.vis_every and done % args.vis_every == 0:
+                picture(raw, pic_img, pic_mask, os.path.join(args.out, f"{args.target}_epoch{done}.png"))
+            stopping = stop_requested(world)
+            if master and (stopping or step >= last or (end_of_epoch and done % args.save_every == 0)):
+                save()
+            if stopping:
+                bar.close()
+                return finish(world, master, f"interrupted at step {step}; continue with --resume", code=130)
             if step >= last:
                 break
-        bar.close()
-        if master and (step >= last or (step // steps_per_epoch) % args.save_every == 0):
-            save(final=step >= last)  # the loss was checked at the epoch's last step above
-    if world > 1:
-        dist.destroy_process_group()
+    bar.close()
+    if master:
+        picture(raw, pic_img, pic_mask, os.path.join(args.out, f"{args.target}_final.png"))
+        data.plot_log(args.out)
+    minutes = (time.time() - t_start) / 60
+    finish(world, master, f"done: {step - step0} steps in {minutes:.1f} min; {args.out}/ holds ckpt.pt, encoder.pth, "
+                          f"log.jsonl, loss.png, {args.target}_*.png\nfine-tune: python finetune.py --recipe localmim "
+                          f"--pretrained {args.out}/encoder.pth --data {args.data}")
 
 
 if __name__ == "__main__":
+    catch_signals()
     main(get_args())

@@ -40,7 +40,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -349,9 +348,9 @@ def build_encoder(args, **kw):
     return swin.create_model(args.model, img_size=args.img_size, num_classes=0, **kw)
 
 
-def prepare_out(args, master):
-    """--out is a writable folder; one that holds a checkpoint is continued only with --resume; the .tmp files of a
-    save that was killed go. -> the path of ckpt.pt"""
+def prepare_out(args, master, checkpoints=True):
+    """--out is a writable folder; one that holds a checkpoint is continued only with --resume (checkpoints=False:
+    a run that writes none); the .tmp files of a save that was killed go. -> the path of ckpt.pt"""
     ckpt = os.path.join(args.out, "ckpt.pt")
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -361,7 +360,7 @@ def prepare_out(args, master):
         sys.exit(f"error: --out {args.out}: not a writable folder ({e.strerror})")
     if args.resume and not os.path.exists(ckpt):
         sys.exit(f"error: --resume: no checkpoint at {ckpt}")
-    if not args.resume and os.path.exists(ckpt):
+    if checkpoints and not args.resume and os.path.exists(ckpt):
         sys.exit(f"error: --out {args.out} holds the checkpoint of an earlier run: continue it with --resume, or "
                  f"choose another --out")
     for name in os.listdir(args.out) if master else ():
@@ -411,18 +410,15 @@ def save_files(files, step, ckpt_path):
     finite are never written: the run stops, naming the last good checkpoint."""
     for obj in files.values():
         if not all(v.isfinite().all() for v in obj["model"].values() if v.is_floating_point()):
-            sys.exit(f"error: the weights are not finite at step {step}; nothing saved "
-                     f"({'the last good checkpoint is ' + ckpt_path if os.path.exists(ckpt_path) else 'no checkpoint yet'})")
+            sys.exit(f"error: the weights are not finite at step {step}; nothing saved ({last_good(ckpt_path)})")
     for path, obj in files.items():
         torch.save(obj, path + ".tmp")
     for path in files:
         os.replace(path + ".tmp", path)
 
 
-def not_finite(step, ckpt_path):
-    """The one line for a loss that is not finite: the step and the last good checkpoint, if there is one."""
-    last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "there is no checkpoint yet"
-    return f"error: the loss is not finite at step {step}; stopped without saving ({last})"
+def last_good(ckpt_path):
+    return f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "there is no checkpoint yet"
 
 
 STOP = []  # signals received: the loop ends after the current optimizer step
@@ -456,22 +452,6 @@ def finish(world, master, message, code=0):
         print(message, file=sys.stderr if code else sys.stdout, flush=True)
     if code:
         sys.exit(code)
-
-
-def plot_log(out, keys=("loss",)):
-    """log.jsonl -> loss.png beside it: each key against the optimizer step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with open(os.path.join(out, "log.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        ax.plot([r["step"] for r in recs if key in r], [r[key] for r in recs if key in r], marker=".")
-        ax.set_xlabel("optimizer step"), ax.set_title(key), ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss.png"), dpi=100)
-    plt.close(fig)
 
 
 def peak_memory_mb(device):
@@ -614,7 +594,8 @@ def main(args):
                 if world > 1:
                     dist.all_reduce(log_loss), dist.all_reduce(bad)
                 if bad.item() > 0:
-                    sys.exit(not_finite(step, ckpt_path))
+                    sys.exit(f"error: the loss is not finite at step {step}; stopped without saving "
+                             f"({last_good(ckpt_path)})")
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": log_loss.item() / logged / world,
                        "lr": opt.param_groups[0]["lr"], "img_per_s": round(seen / (time.time() - t0), 1),
                        "peak_mem_mb": round(peak_memory_mb(device))}
@@ -639,7 +620,7 @@ def main(args):
     bar.close()
     if master:
         save_reconstruction(raw, vis_img, vis_noise, args.mask_ratio, os.path.join(args.out, "recon_final.png"))
-        plot_log(args.out)
+        data.plot_log(args.out)
     minutes = (time.time() - t_start) / 60
     finish(world, master, f"done: {step - step0} steps in {minutes:.1f} min; {args.out}/ holds ckpt.pt, encoder.pth, "
                           f"log.jsonl, loss.png, recon_*.png\nfine-tune: python finetune.py --recipe mae --pretrained "

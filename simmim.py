@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -35,7 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -60,11 +60,20 @@ PRESETS = {  # all of them: warmup 10 epochs, mask 32 px / 0.6, AdamW wd 0.05, c
     # configs/swin_large__800ep/simmim_pretrain__swin_large__img192_window12__800ep.yaml
     "swin_large_800": dict(model="swin_large_patch4_window12_192", img_size=192, epochs=800, blr=1e-4,
                            warmup_lr=5e-7, min_lr=5e-6, schedule="multistep", milestones=[700], drop_path=0.0),
+    # the CPU demo: ViT-Tiny/4 (6 blocks) on 1536 synthetic 32-px images, 4-px mask blocks, about 2 min on a core
+    "tiny": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, mask_patch_size=4,
+                 num_images=1536, batch_size=32, epochs=8, warmup_epochs=1, blr=1.6e-2, device="cpu",
+                 compile=False, workers=1, log_every=16, vis_every=4),
 }
+EXAMPLES = """examples:
+  python simmim.py --preset tiny                                              # CPU demo, synthetic images, ~2 min
+  torchrun --nproc_per_node=8 simmim.py --preset vit_base_800 --batch-size 256 --data /imagenet   # ViT-B, 2048/step
+  torchrun --nproc_per_node=8 simmim.py --mask-ratio 0.6 --patch 32 --data /imagenet  # the 100-epoch recipe, §4.1
+"""
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=PRESETS, help="one official pretraining config (explicit flags still win); "
                    "without it: the §4.1 recipe (100 ep, cosine) on --model")
     # data and model
@@ -105,18 +114,15 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
-                   help="autocast dtype (default: bf16 on a GPU that supports it, else none)")
+                   help="autocast dtype (default: bf16 where the GPU or CPU runs it natively, else none)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="model.compile() (default: on for CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seeds the model, masks and data order (+ rank)")
+    p.add_argument("--workers", type=int, default=8, help="data loader processes (capped by the CPUs available)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
     p.add_argument("--save-every", type=int, default=1, help="epochs between checkpoints (and always at the end)")
     p.add_argument("--vis-every", type=int, default=10, help="epochs between reconstruction PNGs (0 = only at the end)")
-    args = p.parse_args(argv)
-    if args.preset:  # the preset's values become the defaults, so flags given on the command line still win
-        p.set_defaults(**PRESETS[args.preset])
-        args = p.parse_args(argv)
+    args = parse(p, argv)
 
     if args.model in vit.SIZES:
         patch = args.model_patch_size or vit.SIZES[args.model][3]
@@ -136,32 +142,31 @@ def get_args(argv=None):
     if args.img_size % m:
         p.error(f"--img-size {args.img_size}: must be divisible by --mask-patch-size {m}")
     blocks = (args.img_size // m) ** 2
-    if math.ceil(args.mask_ratio * blocks) >= blocks:
+    if mask_count(blocks, args.mask_ratio) >= blocks:
         p.error(f"--mask-ratio {args.mask_ratio} with {blocks} mask block(s) of {m} px hides the whole image; "
                 f"use a smaller --mask-patch-size (e.g. {max(patch, args.img_size // 4)}) or ratio")
     if args.norm_target_patch_size < 3 or args.norm_target_patch_size % 2 == 0:
         p.error(f"--norm-target-patch-size {args.norm_target_patch_size}: must be odd and >= 3 (default 47)")
     if args.schedule == "multistep" and min(args.milestones) < args.warmup_epochs:
         p.error(f"--milestones {args.milestones}: must not fall inside the {args.warmup_epochs} warmup epochs")
-    for flag in ("batch_size", "accum_iter", "epochs", "log_every", "save_every"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if args.drop_path is None:
         args.drop_path = 0.1 if args.model in vit.SIZES else 0.0
-    if args.amp is None:
-        args.amp = "bf16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "none"
-    if args.compile is None:
-        args.compile = args.device.startswith("cuda")
     return args
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # §3.2 Masking strategy: random masking of m x m pixel blocks (m = 32), a fixed number per image
 
+def mask_count(blocks, ratio):
+    """data_simmim.py L35, int(np.ceil(token_count * mask_ratio)), in that order of the product: 0.6 of 49 -> 30.
+    (ratio * blocks rounds differently in 33 cases of ratios 0.01-0.99 and grids 1-32, e.g. 0.55 of 100: 56 here.)"""
+    return math.ceil(blocks * ratio)
+
+
 def block_masks(batch, grid, ratio, device, generator=None):
-    """(B, grid, grid) bool, True = masked: exactly ceil(ratio * grid^2) blocks per image, drawn independently and
-    uniformly (data_simmim.py's MaskGenerator: the first mask_count entries of a random permutation)."""
-    count = math.ceil(ratio * grid * grid)  # ceil, as the official generator (0.6 * 49 -> 30 of 49)
+    """(B, grid, grid) bool, True = masked: exactly mask_count(grid^2, ratio) blocks per image, drawn independently
+    and uniformly (data_simmim.py's MaskGenerator: the first mask_count entries of a random permutation)."""
+    count = mask_count(grid * grid, ratio)
     perm = torch.rand(batch, grid * grid, device=device, generator=generator).argsort(1)  # a permutation per image
     return (perm < count).view(batch, grid, grid)  # the blocks that draw one of the first `count` ranks
 
@@ -294,24 +299,76 @@ def save_reconstruction(model, img, mask, path):
         _, mean, std = local_norm(img, model.norm_target)
         pred = pred * std + mean
     pixels = upsample(mask, model.patch).unsqueeze(1).float()  # (n, 1, H, W)
-    rows = [data.denormalize(t) for t in (img, img, pred, img * (1 - pixels) + pred * pixels)]
-    rows[1] = rows[1] * (1 - pixels) + 0.5 * pixels  # masked blocks shown grey
-    grid = torch.cat(rows)  # (4n, 3, H, W)
-    grid = F.interpolate(grid, scale_factor=max(1, 96 // img.shape[-1]), mode="nearest")  # enlarge small images
-    torchvision.utils.save_image(grid, path, nrow=len(img), padding=2, pad_value=1.0)
+    shown, pred = data.denormalize(img), data.denormalize(pred)
+    rows = [shown, shown * (1 - pixels) + 0.5 * pixels, pred, shown * (1 - pixels) + pred * pixels]  # masked: grey
+    data.save_grid(rows, ["input", "masked", "prediction", "pred. + visible"], path)
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Training helpers (SHARED: identical in every method file so each file stands alone; tests hold them together)
+# Run machinery (SHARED: identical in every method file so each file stands alone; tests/test_common.py holds them)
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: every default shown, and the examples kept as written."""
+
+
+def parse(p, argv):
+    """argparse with --preset (its values become the defaults, so explicit flags still win), then every number in
+    range: one line naming the flag, exit code 2. --workers is capped by the CPUs this process may use."""
+    args = p.parse_args(argv)
+    if getattr(args, "preset", None):
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
+    for name, v in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            p.error(f"{flag} {v}: must be a finite number")
+        if name in AT_LEAST_ONE and v < 1:
+            p.error(f"{flag} {v}: must be at least 1")
+        if name in NON_NEGATIVE and v < 0:
+            p.error(f"{flag} {v}: must not be negative")
+        if name == "drop_path" and not 0 <= v < 1:
+            p.error(f"{flag} {v}: must be in [0, 1)")
+    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if getattr(args, "workers", 0) > max(cpus - 1, 0):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: --workers {args.workers} capped at {max(cpus - 1, 0)}: {cpus} CPU(s) per process, one "
+                  f"of them training")
+        args.workers = max(cpus - 1, 0)
+    if getattr(args, "amp", "") is None:  # bf16 where the device has it natively: a GPU, or a CPU with AVX512-BF16/AMX
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu_bf16 = "_bf16" in f.read()
+        except OSError:  # not Linux: fp32
+            cpu_bf16 = False
+        cuda = args.device.startswith("cuda")
+        args.amp = "bf16" if (cuda and torch.cuda.is_bf16_supported()) or (not cuda and cpu_bf16) else "none"
+    if getattr(args, "compile", "") is None:
+        args.compile = args.device.startswith("cuda")
+    return args
+
+
+AT_LEAST_ONE = {"batch_size", "accum_iter", "epochs", "log_every", "save_every", "img_size", "model_patch_size",
+                "depth", "window_size", "num_images", "mask_patch_size", "decoder_dim", "decoder_depth",
+                "decoder_heads", "nbins", "top_k"}
+NON_NEGATIVE = {"blr", "lr", "min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "clip_grad", "steps", "workers",
+                "vis_every", "seed"}
+# what --resume may change: where and how fast the run goes, never what it computes (maskalign.py checks its
+# teacher by the sha256 of the weights, not by the path)
+FREE_FLAGS = {"resume", "out", "steps", "workers", "log_every", "save_every", "vis_every", "device", "compile",
+              "data_dir", "unsafe_load", "teacher"}
+
 
 def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs a single process. NCCL on GPUs, gloo on CPUs."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs a single process. NCCL on GPUs (gloo for the
+    small CPU tensors of the stop signal), gloo on CPUs."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(args.device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if args.device.startswith("cuda"):
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=torch.device("cuda", local))
         return rank, world, torch.device("cuda", local)
     dist.init_process_group("gloo")
     return rank, world, torch.device("cpu")
@@ -327,6 +384,112 @@ def build_encoder(args, **kw):
     if args.model_patch_size or args.depth:
         raise ValueError("--model-patch-size and --depth apply to ViT models only")
     return swin.create_model(args.model, img_size=args.img_size, num_classes=0, **kw)
+
+
+def prepare_out(args, master, checkpoints=True):
+    """--out is a writable folder; one that holds a checkpoint is continued only with --resume (checkpoints=False:
+    a run that writes none); the .tmp files of a save that was killed go. -> the path of ckpt.pt"""
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as e:
+        sys.exit(f"error: --out {args.out}: not a writable folder ({e.strerror})")
+    if args.resume and not os.path.exists(ckpt):
+        sys.exit(f"error: --resume: no checkpoint at {ckpt}")
+    if checkpoints and not args.resume and os.path.exists(ckpt):
+        sys.exit(f"error: --out {args.out} holds the checkpoint of an earlier run: continue it with --resume, or "
+                 f"choose another --out")
+    for name in os.listdir(args.out) if master else ():
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(args.out, name))
+    return ckpt
+
+
+def resume_from(path, args, model, opt, scaler, master):
+    """ckpt.pt into the model, optimizer and scaler. Refused in one line: an unreadable file, another architecture,
+    or other flags than the run was started with (only FREE_FLAGS may change). Trims log.jsonl to its step."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        stored = ckpt["args"]
+    except Exception as e:  # truncated, text, another program's file
+        sys.exit(f"error: --resume: {path} is not a checkpoint of this script ({type(e).__name__})")
+    changed = [f"--{k.replace('_', '-')} {v} (the checkpoint's: {stored[k]})" for k, v in vars(args).items()
+               if k not in FREE_FLAGS and k in stored and stored[k] != v]
+    if changed:
+        sys.exit(f"error: --resume: {path} was trained with other flags: {'; '.join(changed)}; only "
+                 f"{', '.join('--' + f.replace('_', '-') for f in sorted(FREE_FLAGS))} may change")
+    try:
+        model.load_state_dict(ckpt["model"])  # strict
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        sys.exit(f"error: --resume: {path} does not fit this model ({str(e).strip().splitlines()[-1][:200]})")
+    if master:
+        trim_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
+    return ckpt
+
+
+def trim_log(path, step):
+    """--resume: drop the log records written after the checkpoint (a crash between two saves), which the resumed
+    run writes again, so that log.jsonl holds each step once; and a last line the crash cut short (no newline)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def save_files(files, step, ckpt_path):
+    """{path: {'model': state dict, ...}}, written together: every file to .tmp first, then the renames, so a crash
+    never breaks the last good checkpoint and ckpt.pt and the exports hold the same step. Weights that are not
+    finite are never written: the run stops, naming the last good checkpoint."""
+    for obj in files.values():
+        if not all(v.isfinite().all() for v in obj["model"].values() if v.is_floating_point()):
+            sys.exit(f"error: the weights are not finite at step {step}; nothing saved ({last_good(ckpt_path)})")
+    for path, obj in files.items():
+        torch.save(obj, path + ".tmp")
+    for path in files:
+        os.replace(path + ".tmp", path)
+
+
+def last_good(ckpt_path):
+    return f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "there is no checkpoint yet"
+
+
+STOP = []  # signals received: the loop ends after the current optimizer step
+
+
+def catch_signals():
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun's way to pass a Ctrl-C on): finish the optimizer step, save, end with one
+    line. A second Ctrl-C quits at once, without saving. Installed by `python x.py` only, not by in-process tests."""
+    def handler(signum, frame):
+        if STOP:
+            os._exit(130)
+        STOP.append(signum)
+        print("\nstopping after this step (Ctrl-C again: quit now, without saving)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_requested(world):
+    """True on every rank once any rank got a signal, so that all stop at the same step (a tiny gloo all-reduce)."""
+    flag = torch.tensor([float(len(STOP) > 0)])
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def finish(world, master, message, code=0):
+    """The run's last line (rank 0) once the process group is gone; code 130 = interrupted."""
+    if world > 1:
+        dist.destroy_process_group()
+    if master:
+        print(message, file=sys.stderr if code else sys.stdout, flush=True)
+    if code:
+        sys.exit(code)
 
 
 def peak_memory_mb(device):
@@ -345,22 +508,6 @@ def param_groups(model, weight_decay, skip=()):
             (no_decay if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in skip) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never destroys the previous checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def trim_log(path, step):
-    """--resume: drop the log records written after the checkpoint (a crash between two saves), which the resumed
-    run writes again, so that log.jsonl holds each step once; and a last line the crash cut short (no newline)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
 
 
 # §4.1 / lr_scheduler.py: per-iteration schedule; the cosine is measured from step 0 (timm CosineLRScheduler with
@@ -387,7 +534,7 @@ def main(args):
     torch.manual_seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = prepare_out(args, master)
 
     try:  # user errors in the model, data or checkpoints end with one line, not a traceback
         kw = dict(drop_path_rate=args.drop_path)
@@ -413,27 +560,21 @@ def main(args):
                          enabled=args.amp != "none")
     batch = args.batch_size * args.accum_iter * world
     lr, warmup_lr, min_lr = (x * batch / 512 for x in (args.blr, args.warmup_lr, args.min_lr))  # main_simmim.py
+    if not math.isfinite(lr):
+        sys.exit(f"error: --blr {args.blr}: gives an LR of {lr} at batch {batch}")
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:
         sys.exit(f"error: --accum-iter {args.accum_iter}: more than the {len(loader)} batches of an epoch")
     total = args.epochs * steps_per_epoch
     warmup = int(args.warmup_epochs * steps_per_epoch)
+    last = min(args.steps, total) if args.steps else total
     milestones = [m * steps_per_epoch for m in args.milestones] if args.schedule == "multistep" else None
     grid = args.img_size // args.mask_patch_size  # mask blocks per side
     scale = args.mask_patch_size // model.patch  # model tokens per mask block side
 
     step = 0
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])  # strict: a checkpoint of another architecture is refused
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        if master:
-            trim_log(os.path.join(args.out, "log.jsonl"), step)
+        step = resume_from(ckpt_path, args, model, opt, scaler, master)["step"]
     raw = model  # what is saved: never the compiled or DDP wrapper (no `_orig_mod.` / `module.` prefixes)
     if args.compile:
         model.compile()  # in place, so state-dict keys stay clean
@@ -446,32 +587,32 @@ def main(args):
               f" (warmup {warmup_lr:.2e}, min {min_lr:.2e}, {args.schedule}) | {steps_per_epoch} steps/epoch"
               f" | {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params")
         s = args.img_size
-        print(f"mask: {math.ceil(args.mask_ratio * grid * grid)} of {grid}x{grid} blocks of {args.mask_patch_size} px"
+        print(f"mask: {mask_count(grid * grid, args.mask_ratio)} of {grid}x{grid} blocks of {args.mask_patch_size} px"
               f" | AvgDist {avg_dist(s, args.mask_patch_size, args.mask_ratio):.1f} px (paper: best at 10-20 px on"
               f" 192-px images; ~{10 * s / 192:.1f}-{20 * s / 192:.1f} px at {s} px)")
         if args.compile:
             print("compiling... (the first steps are slow)")
-        # the pictures always show the same images (the dataset's first, un-augmented) under the same masks
-        vis_img = torch.stack([shown[i][0] for i in range(min(8, len(shown)))]).to(device)
-        g = torch.Generator().manual_seed(args.seed)
-        vis_mask = upsample(block_masks(len(vis_img), grid, args.mask_ratio, "cpu", g), scale).to(device)
+    # the pictures always show the same images (one per class where there are classes, un-augmented), same masks
+    vis_img = torch.stack([shown[i][0] for i in data.spread(shown.labels, 8)]).to(device)
+    g = torch.Generator().manual_seed(args.seed)
+    vis_mask = upsample(block_masks(len(vis_img), grid, args.mask_ratio, "cpu", g), scale).to(device)
 
     def save():
-        atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": step // steps_per_epoch, "step": step, "args": vars(args)}, ckpt_path)
-        atomic_save({"model": raw.encoder.state_dict(), "arch": raw.encoder.arch},
-                    os.path.join(args.out, "encoder.pth"))
+        save_files({os.path.join(args.out, "encoder.pth"): {"model": raw.encoder.state_dict(),
+                                                             "arch": raw.encoder.arch, "step": step},
+                    ckpt_path: {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                                "epoch": step // steps_per_epoch, "step": step, "args": vars(args)}}, step, ckpt_path)
 
-    last = args.steps or total
     model.train()
     log_loss = torch.zeros((), device=device)  # summed on the device; read at log steps only (a host sync)
     log_norm = torch.zeros((), device=device)  # gradient norm before clipping, as the official logs print it
     bad = torch.zeros((), device=device)  # > 0 once a loss was not finite
-    logged, t0, seen = 0, time.time(), 0
+    logged, t0, seen, t_start, step0 = 0, time.time(), 0, time.time(), step
+    bar = tqdm(total=last, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     while step < last:
         epoch, skip = divmod(step, steps_per_epoch)
+        bar.set_description(f"epoch {epoch + 1}/{args.epochs}")
         loader.sampler.set_epoch(epoch, skip_batches=skip * args.accum_iter)
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True)
         for i, (img, _) in enumerate(loader):
             if i >= (steps_per_epoch - skip) * args.accum_iter:  # a last partial accumulation is not a step
                 break
@@ -484,9 +625,10 @@ def main(args):
             for group in opt.param_groups:  # per-iteration schedule
                 group["lr"] = simmim_lr(step, total, warmup, lr, warmup_lr, min_lr, milestones)
             sync = (i + 1) % args.accum_iter == 0
-            with amp, (model.no_sync() if world > 1 and not sync else contextlib.nullcontext()):
-                loss = model(img, mask)
-                scaler.scale(loss / args.accum_iter).backward()
+            with model.no_sync() if world > 1 and not sync else contextlib.nullcontext():
+                with amp:
+                    loss = model(img, mask)
+                scaler.scale(loss / args.accum_iter).backward()  # outside autocast, as PyTorch recommends
             bad += ~torch.isfinite(loss.detach())  # checked at log steps and before saving: no per-step host sync
             log_loss += loss.detach() / args.accum_iter
             if not sync:
@@ -498,12 +640,13 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             step, logged, seen = step + 1, logged + 1, seen + img.shape[0] * args.accum_iter * world
             bar.update()
-            if step % args.log_every == 0 or step >= last or step % steps_per_epoch == 0:
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % args.log_every == 0 or step >= last or end_of_epoch:
                 if world > 1:
                     dist.all_reduce(log_loss), dist.all_reduce(bad)
                 if bad.item() > 0:
-                    sys.exit(f"error: loss is not finite at step {step}; stopped without saving "
-                             f"(the last good checkpoint, if any, is {ckpt_path})")
+                    sys.exit(f"error: the loss is not finite at step {step}; stopped without saving "
+                             f"({last_good(ckpt_path)})")
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": log_loss.item() / logged / world,
                        "lr": opt.param_groups[0]["lr"], "grad_norm": log_norm.item() / logged,
                        "img_per_s": round(seen / (time.time() - t0), 1), "peak_mem_mb": round(peak_memory_mb(device))}
@@ -513,19 +656,27 @@ def main(args):
                         f.write(json.dumps(rec) + "\n")
                 log_loss.zero_(), log_norm.zero_()
                 logged, t0, seen = 0, time.time(), 0
+            done = step // steps_per_epoch  # completed epochs, 1-based in the file names
+            if master and end_of_epoch and args.vis_every and done % args.vis_every == 0:
+                save_reconstruction(raw, vis_img, vis_mask, os.path.join(args.out, f"recon_epoch{done}.png"))
+            stopping = stop_requested(world)
+            if master and (stopping or step >= last or (end_of_epoch and done % args.save_every == 0)):
+                save()
+            if stopping:
+                bar.close()
+                return finish(world, master, f"interrupted at step {step}; continue with --resume", code=130)
             if step >= last:
                 break
-        bar.close()
-        done = step // steps_per_epoch  # completed epochs
-        if master and step % steps_per_epoch == 0 and args.vis_every and done % args.vis_every == 0:
-            save_reconstruction(raw, vis_img, vis_mask, os.path.join(args.out, f"recon_epoch{done}.png"))
-        if master and (step >= last or done % args.save_every == 0):
-            save()  # the loss was checked at the epoch's last step above
+    bar.close()
     if master:
         save_reconstruction(raw, vis_img, vis_mask, os.path.join(args.out, "recon_final.png"))
-    if world > 1:
-        dist.destroy_process_group()
+        data.plot_log(args.out)
+    minutes = (time.time() - t_start) / 60
+    finish(world, master, f"done: {step - step0} steps in {minutes:.1f} min; {args.out}/ holds ckpt.pt, encoder.pth, "
+                          f"log.jsonl, loss.png, recon_*.png\nfine-tune: python finetune.py --recipe simmim --pretrained "
+                          f"{args.out}/encoder.pth --data {args.data}")
 
 
 if __name__ == "__main__":
+    catch_signals()
     main(get_args())

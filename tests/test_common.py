@@ -12,19 +12,19 @@ import torch.nn as nn
 
 import finetune
 import localmim
+import mae
 import maskalign
 import simmim
 
+METHODS = (mae, simmim, localmim, maskalign, finetune)
 SHARED = {  # helper -> the method files that carry a copy
-    "setup_distributed": (simmim, localmim, maskalign, finetune),
-    "build_encoder": (simmim, localmim, maskalign, finetune),
-    "peak_memory_mb": (simmim, localmim, maskalign, finetune),
-    "param_groups": (simmim, localmim, maskalign, finetune),
-    "atomic_save": (simmim, localmim, maskalign, finetune),
-    "trim_log": (simmim, localmim, maskalign, finetune),
-    "mae_lr": (localmim, maskalign, finetune),
+    **{name: METHODS for name in ("HelpFormatter", "parse", "setup_distributed", "build_encoder", "prepare_out",
+                                  "resume_from", "trim_log", "save_files", "last_good", "catch_signals",
+                                  "stop_requested", "finish", "peak_memory_mb", "param_groups")},
+    "mae_lr": (mae, localmim, maskalign, finetune),
     "simmim_lr": (simmim, finetune),
 }
+CONSTANTS = ("AT_LEAST_ONE", "NON_NEGATIVE", "FREE_FLAGS")
 
 
 def source(fn):
@@ -36,6 +36,11 @@ def test_copies_are_identical(name):
     first, *others = SHARED[name]
     for module in others:
         assert source(getattr(module, name)) == source(getattr(first, name)), f"{module.__name__}.{name} drifted"
+
+
+@pytest.mark.parametrize("name", CONSTANTS)
+def test_shared_tables_are_identical(name):
+    assert all(getattr(m, name) == getattr(mae, name) for m in METHODS)
 
 
 def test_mae_lr_warmup_then_half_cosine():
@@ -55,16 +60,20 @@ def test_simmim_lr_cosine_from_step_zero_and_multistep():
     assert lr(70, 100, 10, 1.0, 0.01, 0.1, milestones=[70]) == pytest.approx(0.1)
 
 
-def test_param_groups_and_atomic_save(tmp_path):
+def test_param_groups_and_save_files(tmp_path):
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
     model.register_parameter("mask_token", nn.Parameter(torch.zeros(1, 1, 4)))
     decay, no_decay = simmim.param_groups(model, 0.05, skip=("mask_token",))
     assert [p.shape for p in decay["params"]] == [(4, 3)] and decay["weight_decay"] == 0.05
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0  # bias, LN weight/bias, mask token
-    path = str(tmp_path / "ckpt.pt")
-    simmim.atomic_save({"step": 1}, path)
-    simmim.atomic_save({"step": 2}, path)
-    assert torch.load(path)["step"] == 2 and not os.path.exists(path + ".tmp")
+    ckpt, export = str(tmp_path / "ckpt.pt"), str(tmp_path / "encoder.pth")
+    for step in (1, 2):
+        simmim.save_files({export: {"model": {"w": torch.ones(2)}, "step": step},
+                           ckpt: {"model": {"w": torch.ones(2)}, "step": step}}, step, ckpt)
+    assert torch.load(ckpt)["step"] == torch.load(export)["step"] == 2 and not os.listdir(tmp_path).count("ckpt.pt.tmp")
+    with pytest.raises(SystemExit, match="not finite at step 3; nothing saved .the last good checkpoint is"):
+        simmim.save_files({ckpt: {"model": {"w": torch.tensor([1.0, float("nan")])}, "step": 3}}, 3, ckpt)
+    assert torch.load(ckpt)["step"] == 2
 
 
 def test_trim_log_keeps_the_records_up_to_the_checkpoint(tmp_path):

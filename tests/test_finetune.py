@@ -375,7 +375,7 @@ def test_resume_continues_exactly(tmp_path, npz):
     (["--probe-block", "8"], "--probe-block 8: a block number >= 1, with --linear-probe"),
     (["--layer-decay", "1.5"], "--layer-decay 1.5: must be in"),
     (["--pretrained", "x.pth", "--depth", "2"], "--depth / --model-patch-size shape a model from scratch"),
-    (["--epochs", "0"], "--epochs 0: must be positive"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
 ])
 def test_bad_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -396,7 +396,7 @@ def test_bad_setups_end_in_one_line(tmp_path, npz):
         with pytest.raises(SystemExit) as e:
             run("--data", npz, "--out", str(tmp_path), *flags)
         assert str(e.value.code).startswith("error: ") and message in str(e.value.code)
-    r = subprocess.run([sys.executable, "finetune.py", "--pretrained", str(tmp_path / "none.pth"), *CPU], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "finetune.py", "--pretrained", str(tmp_path / "none.pth"), *CPU,
+                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path}/none.pth: no such checkpoint file"]  # no traceback

@@ -390,7 +390,7 @@ def test_teacher_errors_are_one_line_and_say_how_to_get_one(tmp_path, monkeypatc
     pytest.importorskip("safetensors.torch").save_file(save_encoder(tmp_path / "x.pth").state_dict(),
                                                        str(folder / "model.safetensors"))
     monkeypatch.setattr(hub, "snapshot_download", lambda name, allow_patterns: str(folder))
-    ma.main(ma.get_args(base + ["--teacher", "org/teacher", "--top-k", "2"]))
+    ma.main(ma.get_args(base[:-1] + [str(tmp_path / "ok"), "--teacher", "org/teacher", "--top-k", "2"]))
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     assert "ModuleNotFoundError" in main_error(base + ["--teacher", "org/teacher"])
     torch.save({"foo": torch.zeros(1)}, tmp_path / "junk.pth")
