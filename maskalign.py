@@ -457,10 +457,11 @@ STOP = []  # signals received: the loop ends after the current optimizer step
 
 
 def catch_signals():
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun's way to pass a Ctrl-C on): finish the optimizer step, save, end with one
-    line. A second Ctrl-C quits at once, without saving. Installed by `python x.py` only, not by in-process tests."""
+    """Ctrl-C (SIGINT) or SIGTERM: finish the optimizer step, save, end with one line. A second Ctrl-C quits at once,
+    without saving; not under torchrun, which passes the terminal's Ctrl-C on once more and escalates by itself.
+    Installed by `python x.py` only, not by in-process tests."""
     def handler(signum, frame):
-        if STOP:
+        if STOP and "LOCAL_RANK" not in os.environ:
             os._exit(130)
         STOP.append(signum)
         print("\nstopping after this step (Ctrl-C again: quit now, without saving)", file=sys.stderr, flush=True)
@@ -555,7 +556,10 @@ def main(args):
 
     step = 0
     if args.resume:
-        stored = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("args", {})
+        try:
+            stored = torch.load(ckpt_path, map_location="cpu", weights_only=True)["args"]
+        except Exception:  # unreadable: resume_from says so
+            stored = {}
         if stored.get("teacher_sha256", args.teacher_sha256) != args.teacher_sha256:
             sys.exit(f"error: --resume: {ckpt_path} was trained against --teacher {stored.get('teacher')}; "
                      f"--teacher {args.teacher} has other weights; resume with the same teacher")
