@@ -17,13 +17,20 @@ Deviations from the official code (with the reason):
 - ViT with fewer than 7 blocks (CPU models): the official ID = [1, 3, depth-3, depth-1] repeats blocks there (and
   then feeds the decoders in the wrong order), so 4 evenly spaced blocks are used instead; depth >= 7 is official.
 - Swin: a dense encoder where, in every window, visible queries ignore the keys of masked tokens (swin.py
-  visible_only) instead of GreenMIM's gathering and window grouping. The visible tokens get exactly GreenMIM's
-  outputs, but the masked ones are computed too (4x the encoder work at 75% masking). Each decoder then puts its
-  mask token at the masked positions of the dense grid: GreenMIM's gather + unshuffle + raster reorder, in one step.
+  visible_only) instead of GreenMIM's gathering and window grouping. The visible tokens get exactly the outputs of
+  that grouping done right (tested), but the masked ones are computed too (4x the encoder work at 75% masking). The
+  released code gives merged tokens raster coordinates while tokens and mask are in mask-unit order (Swin/
+  models_mim.py L257-258, copied from GreenMIM's first release): from stage 2 on it groups windows and indexes
+  relative positions wrongly, so its stage 2-4 outputs differ from ours by 1.7-2.8 and its loss by 0.08-0.4 %.
+  Each decoder puts its mask token at the masked positions of the dense grid: GreenMIM's gather + unshuffle + raster
+  reorder, in one step. --pretrained on an official LocalMIM Swin release reorders its PatchMerging weights
+  (swin.reorder_merges: the release merges children row-first, Swin column-first).
 - Swin mask units are the encoder's stride (32 px, the official unit); an image whose units would all be masked by
   the official count int(r L) + 1 is refused.
-- Targets (HOG and pixels) are computed in fp32 outside autocast (the official HOG runs under fp16 autocast; a few
-  pixels may change bins).
+- bf16 autocast on GPUs instead of fp16 + GradScaler; targets (HOG and pixels) in fp32 outside autocast (the
+  official HOG runs under fp16 autocast; a few pixels may change bins).
+- Swin-L runs with window 14 by default, as its official recipe (Swin-L HOG w14); the official 100-epoch runs use
+  --warmup-epochs 10 (the 400/800/1600-epoch recipes 40).
 - `--target pixel` for ViT extrapolates the Swin pixel target to cells of p/4, p/2, p, 2p (the official ViT has HOG
   only); pixel targets are always per-cell normalised (the official Swin Pixel recipe passes --norm_pix_loss).
 - `--stop-grad` (not in the official code): detaches the residual stream after each supervised layer.
@@ -50,7 +57,8 @@ import data
 import vit
 import swin
 
-# (epochs, blr, min_lr, nbins, hog_bias) of the official READMEs and run_pretrain.py (batch 2048; ViT-L 4096)
+# (epochs, blr, min_lr, nbins, hog_bias) of the official READMEs and run_pretrain.py (batch 2048; ViT-L and Swin-L
+# 4096); the 100-epoch runs of the paper's ablations use --warmup-epochs 10
 RECIPES = {"vit": (1600, 2e-4, 1e-6, 9, False), "vit_large": (800, 1.5e-4, 1e-6, 18, True),
            "swin": (400, 1e-4, 0.0, 18, True), "swin_large": (800, 1e-4, 0.0, 18, True)}
 PRESETS = {
@@ -82,7 +90,12 @@ def get_args(argv=None):
     p.add_argument("--model-patch-size", type=int, default=None, help="ViT patch size (default: the model name's); "
                    "e.g. 4 for 32-px images")
     p.add_argument("--depth", type=int, default=None, help="ViT blocks (default: the model name's); fewer for CPU runs")
-    p.add_argument("--window-size", type=int, default=None, help="Swin window (default: the model name's)")
+    p.add_argument("--window-size", type=int, default=None, help="Swin window (default: the model name's; 14 for "
+                   "Swin-L, the official LocalMIM Swin-L)")
+    p.add_argument("--pretrained", default=None, help="continue pretraining from this encoder (ours, timm, an "
+                   "official LocalMIM / GreenMIM release); the decoders start fresh")
+    p.add_argument("--unsafe-load", action="store_true", help="let --pretrained run the code it pickles (only for "
+                   "files you trust; public checkpoints do not need it)")
     # optimisation (None: the recipe of the model family, RECIPES)
     p.add_argument("--batch-size", type=int, default=256, help="per process (official: 256 x 8 GPUs)")
     p.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimizer step")
@@ -124,6 +137,8 @@ def get_args(argv=None):
     if args.target == "pixel" and (args.nbins or args.hog_bias):
         p.error("--nbins / --hog-bias: apply to --target hog only")
     recipe = RECIPES[("vit" if is_vit else "swin") + ("_large" if "large" in args.model else "")]
+    if "swin_large" in args.model and args.window_size is None:
+        args.window_size = 14  # Swin/README.md: the Swin-L recipe is window 14
     for k, v in zip(("epochs", "blr", "min_lr", "nbins", "hog_bias"), recipe):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if not 0 < args.mask_ratio < 1:
@@ -397,6 +412,19 @@ class LocalMIM(nn.Module):
         targets = self.targets(img)
         terms = torch.stack([local_loss(p, t, m) for p, t, m in zip(preds, targets, masks)])  # weights all 1
         return terms.sum(), terms, preds, targets, masks
+
+
+def load_pretrained(model, path, unsafe):
+    """--pretrained into the encoder (strict but for its final norm, which LocalMIM keeps frozen at LN(1, 0)). An
+    official LocalMIM Swin release has its PatchMerging children reordered (swin.load_checkpoint, pretraining)."""
+    sd, _ = vit.load_checkpoint(path, unsafe) if model.is_vit else swin.load_checkpoint(path, unsafe, pretraining=True)
+    sd, own = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}, model.encoder.state_dict()
+    bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if not bad:
+        missing, unexpected = model.encoder.load_state_dict(sd, strict=False)
+        bad = [f"missing {k}" for k in missing if not k.startswith("norm.")] + [f"unexpected {k}" for k in unexpected]
+    if bad:
+        raise ValueError(f"--pretrained {path}: does not fit this encoder ({', '.join(bad[:6])})")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -675,6 +703,8 @@ def main(args):
         kw = {"pos_embed": "sincos"} if is_vit else {"norm_eps": 1e-6, "window_size": args.window_size}
         encoder = build_encoder(args, **{k: v for k, v in kw.items() if v is not None})
         model = LocalMIM(encoder, args.target, args.nbins, args.hog_bias, args.mask_ratio, args.stop_grad)
+        if args.pretrained:
+            load_pretrained(model, args.pretrained, args.unsafe_load)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     model.to(device)

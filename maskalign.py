@@ -171,7 +171,10 @@ def fetch_teacher(name):
         raise FileNotFoundError(f"--teacher {name}: no such file or folder; {HOW_TO_GET}")
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(name, allow_patterns=["config.json", "*.safetensors"])
+        folder = snapshot_download(name, allow_patterns=["config.json", "*.safetensors"])
+        if not os.path.exists(os.path.join(folder, "model.safetensors")):  # a repository that ships the .bin only
+            folder = snapshot_download(name, allow_patterns=["config.json", "pytorch_model.bin"])  # read safely
+        return folder
     except (ImportError, OSError, ValueError) as e:  # not installed, offline, or no such repository
         raise FileNotFoundError(f"--teacher {name}: not a local path, and no download from the Hugging Face hub "
                                 f"({type(e).__name__}); {HOW_TO_GET}") from None

@@ -19,7 +19,13 @@ method's code living here (see `embed` and `forward_features`):
       and regroups windows with a knapsack; here the model stays dense and, inside every window, a visible query
       gets -inf on the keys of masked tokens, while PatchMerging marks a merged token visible iff its 2x2 children
       all are. Exact for the visible tokens (their outputs never depend on a masked token, for any mask, and
-      LocalMIM's 32-px mask units stay whole), but it pays the dense compute on the masked ones too.
+      LocalMIM's 32-px mask units stay whole), but it pays the dense compute on the masked ones too. It equals
+      GreenMIM's grouping with true token coordinates; the released LocalMIM Swin code (Swin/models_mim.py L257-258,
+      from GreenMIM's first release) gives merged tokens raster coordinates while tokens and mask are in mask-unit
+      order, so from stage 2 on it groups windows and indexes relative positions wrongly: its stage 2-4 outputs
+      differ from these by 1.7-2.8, its loss by 0.08-0.4 % (tests/test_swin.py checks ours against the grouping
+      done right). A LocalMIM Swin release also merges the 2x2 children of PatchMerging row-first where Swin takes
+      them column-first: reorder_merges() maps its weights to this model for continued pretraining.
 The end of the file reads the official checkpoints (downsample at the end of a stage, `head.*`) into timm's layout,
 and resizes relative-position tables when the window changes (SimMIM fine-tuning: 6 -> 7, 12 -> 14).
 """
@@ -308,14 +314,33 @@ def convert_microsoft(sd):
     return out
 
 
-def load_checkpoint(path, unsafe=False):
+def reorder_merges(sd):
+    """GreenMIM's first release, and with it LocalMIM's Swin pretraining, concatenates the 2x2 children of a merge
+    row-first, (0,0) (0,1) (1,0) (1,1); Swin and timm column-first, x0 = (0,0), x1 = (1,0), x2 = (0,1), x3 = (1,1).
+    Swapping the middle quarter of every downsample's norm and reduction input maps one onto the other (both ways)."""
+    out = dict(sd)
+    for k, v in sd.items():
+        if re.search(r"downsample\.(norm\.(weight|bias)|reduction\.weight)$", k):
+            c = v.shape[-1] // 4
+            out[k] = torch.cat([v[..., :c], v[..., 2 * c:3 * c], v[..., c:2 * c], v[..., 3 * c:]], dim=-1)
+    return out
+
+
+def load_checkpoint(path, unsafe=False, pretraining=False):
     """Read a Swin checkpoint (ours, timm, Microsoft, SimMIM, LocalMIM). Returns (state dict in our keys, arch) such
     that `SwinTransformer(**arch, num_classes=0)` has its architecture (classifier keys stay in the dict). Our own
     encoder.pth carries its arch; otherwise it is read off the tensors, and img_size = stride x the last stage's
     window: the smallest image the tables fit, and the one every released checkpoint was trained at (192 for w6,
-    224 for w7 and w14 (last stage 7), 384 for w12, 192 for SimMIM's Swin-L w12 (last stage 6))."""
+    224 for w7 and w14 (last stage 7), 384 for w12, 192 for SimMIM's Swin-L w12 (last stage 6)).
+    pretraining=True: an official LocalMIM Swin release (side norms norm.0..3, the Microsoft layout) gets its merges
+    reordered (reorder_merges), to continue its pretraining here. Fine-tuning keeps them as stored, as the official
+    fine-tuning code does (it builds a plain Swin and loads the weights unchanged)."""
     raw, arch = read_state_dict(path, unsafe)
     sd = convert_microsoft(raw)
+    localmim_release = any(re.match(r"(encoder\.)?norm\.\d", k) for k in raw) and any(
+        re.match(r"(encoder\.)?layers\.0\.downsample\.", k) for k in raw)
+    if pretraining and localmim_release:
+        sd = reorder_merges(sd)
     if "patch_embed.proj.weight" not in sd or "layers.0.blocks.0.attn.qkv.weight" not in sd:
         raise ValueError(f"{path}: not a Swin checkpoint of a known layout (timm, Microsoft, SimMIM, LocalMIM); "
                          f"first keys: {', '.join(list(raw)[:4])}")

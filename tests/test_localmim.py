@@ -325,3 +325,22 @@ def test_bad_data_and_resume_end_with_one_line(tmp_path):
         run([*TINY_VIT, *CPU, "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="error: --resume: no checkpoint"):
         run([*TINY_VIT, *CPU, "--resume", "--out", str(tmp_path / "empty")])
+
+
+def test_pretrained_continues_from_an_encoder_and_swin_large_uses_window_14(tmp_path):
+    a = localmim.get_args(["--model", "swin_large_patch4_window7_224"])
+    assert a.window_size == 14 and a.epochs == 800 and a.nbins == 18  # the official Swin-L recipe
+    assert localmim.get_args(["--model", "swin_large_patch4_window7_224", "--window-size", "7"]).window_size == 7
+    run([*TINY_VIT, "--batch-size", "8", "--steps", "1", *CPU, "--data", "synthetic", "--num-images", "16",
+         "--out", str(tmp_path / "first")])
+    first = torch.load(tmp_path / "first" / "encoder.pth", weights_only=True)["model"]
+    run([*TINY_VIT, "--batch-size", "8", "--steps", "1", *CPU, "--data", "synthetic", "--num-images", "16",
+         "--pretrained", str(tmp_path / "first" / "encoder.pth"), "--warmup-epochs", "1", "--out", str(tmp_path / "b")])
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    # warmup from lr 0: the first step changes nothing, so the encoder is exactly the one it started from
+    assert all(torch.equal(ckpt["encoder." + k], v) for k, v in first.items())
+    wide = vit.create_model("vit_small_patch16_224", img_size=32, patch_size=4, depth=4, num_classes=0)
+    torch.save({"model": wide.state_dict(), "arch": wide.arch}, tmp_path / "wide.pth")
+    with pytest.raises(SystemExit, match="wide.pth: does not fit this encoder"):
+        run([*TINY_VIT, "--batch-size", "8", *CPU, "--pretrained", str(tmp_path / "wide.pth"), "--out",
+             str(tmp_path / "c")])

@@ -391,6 +391,13 @@ def test_teacher_errors_are_one_line_and_say_how_to_get_one(tmp_path, monkeypatc
                                                        str(folder / "model.safetensors"))
     monkeypatch.setattr(hub, "snapshot_download", lambda name, allow_patterns: str(folder))
     ma.main(ma.get_args(base[:-1] + [str(tmp_path / "ok"), "--teacher", "org/teacher", "--top-k", "2"]))
+    binary = tmp_path / "hub_bin"  # a hub repository that ships pytorch_model.bin only: the second request gets it
+    binary.mkdir()
+    calls = []
+    monkeypatch.setattr(hub, "snapshot_download", lambda name, allow_patterns: calls.append(allow_patterns) or str(binary))
+    torch.save(save_encoder(tmp_path / "y.pth").state_dict(), binary / "pytorch_model.bin")
+    ma.main(ma.get_args(base[:-1] + [str(tmp_path / "ok_bin"), "--teacher", "org/teacher", "--top-k", "2"]))
+    assert calls[-1] == ["config.json", "pytorch_model.bin"]
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     assert "ModuleNotFoundError" in main_error(base + ["--teacher", "org/teacher"])
     torch.save({"foo": torch.zeros(1)}, tmp_path / "junk.pth")

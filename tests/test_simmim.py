@@ -57,6 +57,17 @@ def test_mask_count_alignment_and_upsampling(img, m, p, count):
     assert torch.equal(pixels, simmim.upsample(blocks, m))
 
 
+@pytest.mark.parametrize("ratio, grid, count", [(0.55, 10, 56), (0.23, 10, 23), (0.6, 7, 30), (0.6, 6, 22)])
+def test_mask_count_multiplies_in_the_official_order(ratio, grid, count):
+    """data_simmim.py: int(np.ceil(token_count * mask_ratio)); ratio * grid * grid rounds 0.55 on 10x10 to 55."""
+    assert simmim.mask_count(grid * grid, ratio) == count
+    assert (simmim.block_masks(4, grid, ratio, "cpu").flatten(1).sum(1) == count).all()
+    np = pytest.importorskip("numpy")
+    mismatches = [(r / 100, g) for r in range(1, 100) for g in range(1, 33)
+                  if simmim.mask_count(g * g, r / 100) != int(np.ceil(g * g * (r / 100)))]
+    assert mismatches == []
+
+
 def test_masks_are_independent_and_uniform_per_image():
     blocks = simmim.block_masks(4000, 7, 0.6, "cpu").flatten(1).float()  # (4000, 49)
     assert len({tuple(b.tolist()) for b in blocks[:200]}) == 200  # one mask per image, not one per batch

@@ -261,3 +261,26 @@ def test_errors_name_what_is_wrong(tmp_path):
     torch.save({"model": {"conv.weight": torch.zeros(1)}}, tmp_path / "resnet.pth")
     with pytest.raises(ValueError, match="resnet.pth: not a Swin checkpoint"):
         swin.load_checkpoint(str(tmp_path / "resnet.pth"))
+
+
+# ---- LocalMIM's Swin release: PatchMerging children row-first (GreenMIM's first release) ----
+
+def test_localmim_release_merges_are_reordered_for_pretraining(tmp_path):
+    m = randomize(tiny(num_classes=0))
+    x = torch.randn(2, 16, 16, 16)  # a stage-0 output
+    merge = m.layers[1].downsample
+    # the released model: children of each 2x2 cell concatenated row-first, (0,0) (0,1) (1,0) (1,1)
+    rows = x.view(2, 8, 2, 8, 2, 16).permute(0, 1, 3, 2, 4, 5).reshape(2, 8, 8, 64)
+    released = swin.reorder_merges(m.state_dict())  # the same function, in its weights
+    norm = torch.nn.functional.layer_norm(rows, (64,), released["layers.1.downsample.norm.weight"],
+                                          released["layers.1.downsample.norm.bias"], 1e-5)
+    torch.testing.assert_close(norm @ released["layers.1.downsample.reduction.weight"].T, merge(x))
+    assert not torch.equal(released["layers.1.downsample.reduction.weight"], merge.reduction.weight)
+    official = {k: v for k, v in to_microsoft(released, m).items() if not k.startswith("encoder.norm.")}
+    for i, c in enumerate((32, 64, 64, 64)):  # the side norms that tell a LocalMIM release
+        official[f"encoder.norm.{i}.weight"], official[f"encoder.norm.{i}.bias"] = torch.ones(c), torch.zeros(c)
+    torch.save({"model": official}, tmp_path / "localmim_swin.pth")
+    sd, _ = swin.load_checkpoint(str(tmp_path / "localmim_swin.pth"), pretraining=True)
+    assert torch.equal(sd["layers.1.downsample.reduction.weight"], merge.reduction.weight)  # back in Swin's order
+    sd, _ = swin.load_checkpoint(str(tmp_path / "localmim_swin.pth"))  # fine-tuning: as stored, as officially
+    assert torch.equal(sd["layers.1.downsample.reduction.weight"], released["layers.1.downsample.reduction.weight"])
