@@ -16,6 +16,7 @@ the dataset seeds torch's RNG with it around the transform. The augmentation of 
 whatever the number of workers, processes, or where the run was stopped, and `set_epoch(e, skip_batches=k)`
 continues an epoch at batch k without loading the first k batches.
 """
+import functools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -54,12 +56,67 @@ def _small_crop(img_size, interpolation):
 def pretrain_transform(img_size, scale=(0.67, 1.0), interpolation="bilinear"):
     """SimMIM: RandomResizedCrop(scale 0.67-1, bilinear) + flip (data_simmim.py); the MAE family (LocalMIM,
     MaskAlign) passes scale=(0.2, 1.0), interpolation="bicubic" (main_pretrain.py). At img_size <= 64 both use
-    the padded random crop + flip instead, and `scale` is unused (see _small_crop)."""
+    the padded random crop + flip instead, and `scale` is unused (see _small_crop). `.batched` is the same
+    augmentation for a whole batch on its device (build_loader uses it for images held in memory)."""
     if img_size <= SMALL:
         crop = _small_crop(img_size, interpolation)
     else:
         crop = [T.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=interpolation)]
-    return T.Compose([T.ToImage(), *crop, T.RandomHorizontalFlip(), *_to_float(), T.ToPureTensor()])
+    transform = T.Compose([T.ToImage(), *crop, T.RandomHorizontalFlip(), *_to_float(), T.ToPureTensor()])
+    transform.batched = functools.partial(batch_augment, img_size=img_size, scale=scale, interpolation=interpolation)
+    return transform
+
+
+def batch_augment(x, generator, img_size, scale=(0.67, 1.0), interpolation="bilinear"):
+    """pretrain_transform for a batch, on its device, every sample with its own draw: uint8 (B, 3, H, W) -> float
+    (B, 3, S, S), normalised. The crops have pretrain_transform's distribution: at <= 64 px the same padded random
+    crop (after the same resize), above it RandomResizedCrop's boxes (same scale, ratio, 10 tries, centre-crop
+    fallback) resampled by roi_align, which is bilinear with area averaging when it shrinks (not bicubic)."""
+    B, _, H, W = x.shape
+    dev, g = x.device, generator
+    x = x.float()
+    if img_size <= SMALL:
+        if (H, W) != (img_size, img_size):  # T.Resize(short side) + CenterCrop, as _small_crop
+            x = F.interpolate(x, scale_factor=img_size / min(H, W), mode=interpolation, antialias=True).round()
+            top, left = (x.shape[2] - img_size) // 2, (x.shape[3] - img_size) // 2
+            x = x[:, :, top:top + img_size, left:left + img_size].clamp(0, 255)
+        pad = img_size // 8
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        offset = torch.randint(0, 2 * pad + 1, (2, B, 1), device=dev, generator=g)  # top, left of each crop
+        rows, cols = offset + torch.arange(img_size, device=dev)  # (B, S) each
+        x = x[torch.arange(B, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]  # (B, 3, S, S)
+    else:
+        top, left, h, w = rrc_boxes(B, H, W, scale, (3 / 4, 4 / 3), g, dev)
+        boxes = torch.stack([torch.arange(B, device=dev), left, top, left + w, top + h], 1).float()  # (B, 5)
+        x = torchvision.ops.roi_align(x, boxes, img_size, aligned=True)  # (B, 3, S, S)
+    flip = torch.rand(B, device=dev, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+
+def rrc_boxes(B, H, W, scale, ratio, generator, device):
+    """RandomResizedCrop.get_params for B images at once: 10 tries of (area, log-ratio) each, the first that fits,
+    else the centre crop of the nearest allowed ratio. -> top, left, height, width, (B,) long each."""
+    g = generator
+    area = H * W * torch.empty(B, 10, device=device).uniform_(*scale, generator=g)
+    aspect = torch.exp(torch.empty(B, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                   generator=g))
+    w, h = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()  # (B, 10)
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.float().argmax(1)  # the first try that fits
+    w, h = w.gather(1, first[:, None])[:, 0], h.gather(1, first[:, None])[:, 0]
+    u = torch.rand(2, B, device=device, generator=g)
+    top, left = (u[0] * (H - h + 1)).long(), (u[1] * (W - w + 1)).long()
+    # torchvision's fallback when no try fits: the centre crop, clipped to the allowed ratios (always computed, so
+    # that a GPU never waits for the host to look)
+    cw, ch = (W, round(W / ratio[0])) if W / H < ratio[0] else (round(H * ratio[1]), H) if W / H > ratio[1] else (W, H)
+    none = ~fits.any(1)
+    h, w = torch.where(none, ch, h), torch.where(none, cw, w)
+    top, left = torch.where(none, (H - ch) // 2, top), torch.where(none, (W - cw) // 2, left)
+    return top, left, h, w
 
 
 def finetune_transform(img_size, randaug_magnitude=9, reprob=0.25):
@@ -436,19 +493,47 @@ class EpochSampler(Sampler):
         return iter(zip(idx.tolist(), _hash(self.seed, self.epoch, idx).tolist()))
 
 
-def build_loader(dataset, batch_size, train, workers=8, seed=0, drop_last=None):
-    """DataLoader over this process's shard; `loader.sampler.set_epoch(epoch, skip_batches)` before each epoch."""
+def build_loader(dataset, batch_size, train, workers=8, seed=0, drop_last=None, device=None):
+    """DataLoader over this process's shard; `loader.sampler.set_epoch(epoch, skip_batches)` before each epoch.
+    With a device, images held in memory (.npz, CIFAR, STL-10) under a pretraining transform are batched on that
+    device instead (DeviceLoader): the same order, distribution and resume, without per-image work."""
     drop_last = train if drop_last is None else drop_last
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     sampler = EpochSampler(len(dataset), batch_size, train, drop_last, seed, rank, world)
     if drop_last and len(sampler) < batch_size:
         raise ValueError(f"--batch-size {batch_size}: larger than the {len(sampler)} images each of the {world} "
                          f"process(es) gets; use a smaller batch or more images")
+    if device is not None and dataset.kind == "memory" and hasattr(dataset.transform, "batched") and drop_last:
+        return DeviceLoader(dataset, batch_size, sampler, torch.device(device), seed)
     # The private generator only seeds worker processes (every sample is re-seeded anyway); without it the
     # DataLoader would draw that seed from the global RNG on each epoch and shift the training randomness.
     return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_ctrl_c)
+
+
+class DeviceLoader:
+    """The batches of an in-memory dataset made on the training device: the uint8 images are copied there once,
+    and each batch is gathered and augmented by the transform's `.batched` in a few tensor ops (tens of thousands
+    of 32-px images per second on a GPU, where PIL workers give a few thousand). The sampler is build_loader's, so
+    order, sharding and set_epoch(epoch, skip_batches) are the same; the randomness of batch k of an epoch is a
+    function of (seed, epoch, k, rank), so a resumed run draws exactly what the uninterrupted one did."""
+
+    def __init__(self, dataset, batch_size, sampler, device, seed):
+        self.images, self.labels = dataset.source.to(device), torch.as_tensor(dataset.labels, device=device)
+        self.augment, self.sampler, self.batch_size, self.seed = dataset.transform.batched, sampler, batch_size, seed
+        self.generator = torch.Generator(device)
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        idx = torch.tensor([i for i, _ in self.sampler], dtype=torch.long)  # this rank's order, skipped batches gone
+        for k in range(len(idx) // self.batch_size):
+            batch = idx[k * self.batch_size:(k + 1) * self.batch_size].to(self.images.device)
+            number = self.sampler.skip + k  # the batch's place in the epoch
+            self.generator.manual_seed(int(_hash(self.seed, self.sampler.epoch, number, self.sampler.rank)))
+            yield self.augment(self.images[batch], self.generator), self.labels[batch]
 
 
 def _ignore_ctrl_c(worker_id):

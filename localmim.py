@@ -66,6 +66,10 @@ PRESETS = {
     "tiny": dict(model="vit_tiny_patch16_224", img_size=64, model_patch_size=8, depth=4, num_images=1536,
                  batch_size=32, epochs=6, warmup_epochs=1, blr=1.5e-3, device="cpu", compile=False, workers=1,
                  log_every=16, vis_every=3),
+    # small images (CIFAR, 32 px): ViT-Tiny/4 (6 blocks: local layers 1, 3, 4, 6), HOG cells of 1/2/4/8 px, decoders
+    # 128 wide (the 256 of ViT-B cost more than the encoder here), batch 256 at LR 1.5e-3 (bench/efficacy.py)
+    "cifar": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, decoder_dim=128,
+                  batch_size=256, epochs=100, warmup_epochs=2, blr=1.5e-3),
 }
 EXAMPLES = """examples:
   python localmim.py --preset tiny                                            # CPU demo, synthetic images, ~2 min
@@ -114,6 +118,8 @@ def get_args(argv=None):
     p.add_argument("--nbins", type=int, default=None, help="HOG orientation bins: 9 ViT-B, 18 ViT-L and Swin")
     p.add_argument("--hog-bias", action=argparse.BooleanOptionalAction, default=None,
                    help="the frozen random Sobel bias of ViT-L and Swin (default: the recipe's)")
+    p.add_argument("--decoder-dim", type=int, default=256, help="ViT decoders' width (official 256, 8 heads; "
+                   "heads = width / 32); the Swin decoders keep GreenMIM's 64/128")
     p.add_argument("--stop-grad", action="store_true", help="detach the residual stream after each supervised "
                    "layer, so each layer learns from its own local loss only")
     # runtime
@@ -325,7 +331,8 @@ def local_loss(pred, target, mask):
 
 
 class LocalMIM(nn.Module):
-    def __init__(self, encoder, target="hog", nbins=9, hog_bias=False, mask_ratio=0.75, stop_grad=False):
+    def __init__(self, encoder, target="hog", nbins=9, hog_bias=False, mask_ratio=0.75, stop_grad=False,
+                 decoder_dim=256):
         super().__init__()
         self.encoder, self.mask_ratio, self.stop_grad = encoder, mask_ratio, stop_grad
         self.is_vit = isinstance(encoder, vit.VisionTransformer)
@@ -347,7 +354,8 @@ class LocalMIM(nn.Module):
         self.cells = [img // g for g in self.grids]  # ViT 4/8/16/32 px, Swin 8/16/32/32 px at 224
         out = [3 * nbins if target == "hog" else 3 * c * c for c in self.cells]
         self.decoder = nn.ModuleList(
-            [ViTDecoder(D, encoder.grid, s, o) for s, o in zip((4, 2, 1, 0.5), out)] if self.is_vit else
+            [ViTDecoder(D, encoder.grid, s, o, decoder_dim, max(1, decoder_dim // 32)) for s, o in
+             zip((4, 2, 1, 0.5), out)] if self.is_vit else
             [SwinDecoder(d, w, g, o) for d, w, g, o in zip(dims, (64, 128, 128, 128), self.grids, out)])
         self.norm = nn.ModuleList([nn.LayerNorm(d, eps=1e-6) for d in dims])  # norm.0..3 as the official
         self.hog = HOG(nbins, self.cells, hog_bias) if target == "hog" else None
@@ -696,13 +704,15 @@ def main(args):
     try:  # user errors in data, model or checkpoints end with one line, not a traceback
         dataset = data.build_dataset(args.data, "train", data.pretrain_transform(args.img_size, scale=(0.2, 1.0),
                                      interpolation="bicubic"), args.data_dir, args.img_size, num_images=args.num_images)
-        loader = data.build_loader(dataset, args.batch_size, train=True, workers=args.workers, seed=args.seed)
+        loader = data.build_loader(dataset, args.batch_size, train=True, workers=args.workers, seed=args.seed,
+                                   device=device)  # in-memory images: batched on the device
         shown = data.build_dataset(args.data, "train", data.eval_transform(args.img_size), args.data_dir,
                                    args.img_size, num_images=args.num_images)
         is_vit = args.model in vit.SIZES  # MAE's fixed sin-cos positions; the official Swin uses LayerNorm eps 1e-6
         kw = {"pos_embed": "sincos"} if is_vit else {"norm_eps": 1e-6, "window_size": args.window_size}
         encoder = build_encoder(args, **{k: v for k, v in kw.items() if v is not None})
-        model = LocalMIM(encoder, args.target, args.nbins, args.hog_bias, args.mask_ratio, args.stop_grad)
+        model = LocalMIM(encoder, args.target, args.nbins, args.hog_bias, args.mask_ratio, args.stop_grad,
+                         args.decoder_dim)
         if args.pretrained:
             load_pretrained(model, args.pretrained, args.unsafe_load)
     except (ValueError, FileNotFoundError) as e:

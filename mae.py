@@ -62,7 +62,7 @@ PRESETS = {
     # small images (CIFAR, 32 px): ViT-Tiny/4, 6 blocks, a 2 x 128 decoder (MAE-Lite's narrow decoder, doubled),
     # LR 1.5e-3 at batch 256; the measurements behind it are in the README (efficacy benchmark)
     "cifar": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, decoder_dim=128,
-                  decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100, warmup_epochs=5, blr=1.5e-3),
+                  decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100, warmup_epochs=2, blr=1.5e-3),
 }
 EXAMPLES = """examples:
   python mae.py --preset tiny                                          # CPU demo on synthetic images, ~2 min
@@ -496,7 +496,8 @@ def main(args):
         loaded = load_pretrained(model, args.pretrained, args.unsafe_load) if args.pretrained else None
         dataset = data.build_dataset(args.data, "train", data.pretrain_transform(args.img_size, scale=(0.2, 1.0),
                                      interpolation="bicubic"), args.data_dir, args.img_size, num_images=args.num_images)
-        loader = data.build_loader(dataset, args.batch_size, train=True, workers=args.workers, seed=args.seed)
+        loader = data.build_loader(dataset, args.batch_size, train=True, workers=args.workers, seed=args.seed,
+                                   device=device)  # in-memory images: batched on the device
         shown = data.build_dataset(args.data, "train", data.eval_transform(args.img_size), args.data_dir,
                                    args.img_size, num_images=args.num_images)
     except (ValueError, FileNotFoundError) as e:

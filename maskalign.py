@@ -66,6 +66,10 @@ PRESETS = {
     "tiny": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, teacher="random",
                  num_images=2048, batch_size=32, epochs=4, warmup_epochs=1, blr=1.5e-3, device="cpu",
                  compile=False, workers=1, log_every=16),
+    # small images (CIFAR, 32 px): a ViT-Tiny/4 student (6 blocks) aligned with the last 3 blocks of a teacher of its
+    # size (bench/efficacy.py: the MAE encoder of the same run), batch 256 at LR 1.5e-3; pass --teacher
+    "cifar": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, top_k=3, batch_size=256,
+                  epochs=100, warmup_epochs=2, blr=1.5e-3),
 }
 EXAMPLES = """examples:
   python maskalign.py --preset tiny                                   # CPU demo (random teacher), ~2 min
@@ -530,7 +534,8 @@ def main(args):
     try:  # user errors in data or checkpoints end with one line, not a traceback
         dataset = data.build_dataset(args.data, "train", data.pretrain_transform(args.img_size, scale=(0.2, 1.0),
                                      interpolation="bicubic"), args.data_dir, args.img_size, num_images=args.num_images)
-        loader = data.build_loader(dataset, args.batch_size, train=True, workers=args.workers, seed=args.seed)
+        loader = data.build_loader(dataset, args.batch_size, train=True, workers=args.workers, seed=args.seed,
+                                   device=device)  # in-memory images: batched on the device
         teacher, args.teacher_sha256, teacher_desc = build_teacher(args, encoder)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

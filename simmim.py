@@ -66,6 +66,11 @@ PRESETS = {  # all of them: warmup 10 epochs, mask 32 px / 0.6, AdamW wd 0.05, c
     "tiny": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, mask_patch_size=4,
                  num_images=1536, batch_size=32, epochs=8, warmup_epochs=1, blr=1.6e-2, device="cpu",
                  compile=False, workers=1, log_every=16, vis_every=4),
+    # small images (CIFAR, 32 px): ViT-Tiny/4 (6 blocks), 4-px mask blocks at 0.6 (AvgDist 2.3 px: the paper's
+    # 10-20 px at 192 px, scaled), batch 256 at LR 1e-3; timm's plain ViT, so that every method of the efficacy
+    # benchmark (bench/efficacy.py) fine-tunes the same architecture
+    "cifar": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, mask_patch_size=4,
+                  vit_variant="plain", batch_size=256, epochs=100, warmup_epochs=2, blr=2e-3),
 }
 EXAMPLES = """examples:
   python simmim.py --preset tiny                                              # CPU demo, synthetic images, ~2 min
@@ -548,7 +553,8 @@ def main(args):
         encoder = build_encoder(args, **kw)
         dataset = data.build_dataset(args.data, "train", data.pretrain_transform(args.img_size), args.data_dir,
                                      args.img_size, num_images=args.num_images)
-        loader = data.build_loader(dataset, args.batch_size, train=True, workers=args.workers, seed=args.seed)
+        loader = data.build_loader(dataset, args.batch_size, train=True, workers=args.workers, seed=args.seed,
+                                   device=device)  # in-memory images: batched on the device
         shown = data.build_dataset(args.data, "train", data.eval_transform(args.img_size), args.data_dir,
                                    args.img_size, num_images=args.num_images)
     except (ValueError, FileNotFoundError) as e:

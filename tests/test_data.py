@@ -386,3 +386,82 @@ def test_two_process_gloo_shards(tmp_path):
             assert sorted(a + b) == list(range(n)) and r[0]["labels"] + r[1]["labels"] == n
     tries = sorted((float(t), int(k)) for k, t in (line.split() for line in (tmp_path / "downloads.txt").open()))
     assert [k for _, k in tries] == [0, 1] and tries[1][0] - tries[0][0] >= 0.3  # no two ranks download at once
+
+
+# ---- the device path: batched augmentation of in-memory images ------------------------------------------------------
+
+def memory_dataset(tmp_path, n=64, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    np.savez(tmp_path / "mem.npz", images=x, labels=np.arange(n) % 4)
+    return str(tmp_path / "mem.npz")
+
+
+@pytest.mark.parametrize("img_size", [32, 96])
+def test_device_loader_is_used_for_memory_data_and_crops_per_sample(tmp_path, img_size):
+    path = memory_dataset(tmp_path)
+    ds = data.build_dataset(path, "train", data.pretrain_transform(img_size, scale=(0.2, 1.0)))
+    loader = data.build_loader(ds, 16, train=True, workers=0, device="cpu")
+    assert isinstance(loader, data.DeviceLoader) and len(loader) == 4
+    loader.sampler.set_epoch(0)
+    x, y = next(iter(loader))
+    assert x.shape == (16, 3, img_size, img_size) and x.dtype == torch.float32 and y.shape == (16,)
+    same = data.build_dataset(path, "train", data.pretrain_transform(img_size)).source[0:1].expand(16, -1, -1, -1)
+    g = torch.Generator().manual_seed(0)
+    out = ds.transform.batched(same.contiguous(), g)  # one image 16 times: 16 different crops
+    assert len({tuple(o.flatten()[:64].tolist()) for o in out}) > 8
+    eval_loader = data.build_loader(data.build_dataset(path, "val", data.eval_transform(32)), 16, train=False,
+                                    workers=0, device="cpu")
+    assert not isinstance(eval_loader, data.DeviceLoader)  # evaluation keeps the plain loader
+
+
+def test_rrc_boxes_follow_torchvision_and_stay_inside():
+    g = torch.Generator().manual_seed(0)
+    top, left, h, w = data.rrc_boxes(20000, 48, 64, (0.2, 1.0), (3 / 4, 4 / 3), g, "cpu")
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 48).all() and (left + w <= 64).all()
+    torch.manual_seed(0)
+    ref = torch.tensor([data.T.RandomResizedCrop.get_params(torch.zeros(3, 48, 64), [0.2, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(20000)], dtype=torch.float)  # (n, 4): i, j, h, w
+    ours = torch.stack([top, left, h, w], 1).float()
+    torch.testing.assert_close(ours.mean(0), ref.mean(0), rtol=0.02, atol=0.3)  # same distribution
+    torch.testing.assert_close(ours.std(0), ref.std(0), rtol=0.03, atol=0.3)
+    top, left, h, w = data.rrc_boxes(100, 10, 100, (0.9, 1.0), (3 / 4, 4 / 3), g, "cpu")  # nothing fits: centre crop
+    assert (h == 10).all() and (w == round(10 * 4 / 3)).all() and (left == (100 - 13) // 2).all()
+
+
+def test_small_image_path_has_the_statistics_of_the_pil_path(tmp_path):
+    path = memory_dataset(tmp_path, n=2)
+    ds = data.build_dataset(path, "train", data.pretrain_transform(32))
+    img = ds.source[:1].expand(4000, -1, -1, -1).contiguous()
+    dev = ds.transform.batched(img, torch.Generator().manual_seed(0))  # (4000, 3, 32, 32)
+    pil = torch.stack([ds[(0, s)][0] for s in range(4000)])  # per-image v2 transforms, seeded per sample
+    torch.testing.assert_close(dev.mean(0), pil.mean(0), atol=0.13, rtol=0)  # per-pixel mean: 5.5 standard errors
+    torch.testing.assert_close(dev.std(0), pil.std(0), atol=0.13, rtol=0)
+    flipped = (dev[:, :, :, 8:24] == dev.flip(-1)[:, :, :, 8:24]).all((1, 2, 3))  # never, for a random image
+    assert not flipped.any()
+    centre = ds.transform.batched(torch.zeros(1, 3, 32, 32, dtype=torch.uint8).repeat(5000, 1, 1, 1).index_fill_(
+        3, torch.arange(16), 255), torch.Generator().manual_seed(1))  # left half white: the flip shows
+    left_white = (centre[:, 0, 16, 4] > 0).float().mean()
+    assert abs(left_white - 0.5) < 0.03  # horizontal flip with probability 1/2
+
+
+def test_device_loader_resumes_exactly_and_shards(tmp_path):
+    path = memory_dataset(tmp_path)
+    ds = data.build_dataset(path, "train", data.pretrain_transform(32))
+    loader = data.build_loader(ds, 8, train=True, workers=0, seed=3, device="cpu")
+    loader.sampler.set_epoch(2)
+    full = list(loader)
+    loader.sampler.set_epoch(2, skip_batches=5)
+    rest = list(loader)
+    assert len(rest) == 3
+    for (a, ya), (b, yb) in zip(full[5:], rest):
+        assert torch.equal(a, b) and torch.equal(ya, yb)  # the same batches, the same augmentation
+    loader.sampler.set_epoch(3)
+    assert not torch.equal(next(iter(loader))[0], full[0][0])  # a new epoch draws anew
+    shards = [data.DeviceLoader(ds, 8, data.EpochSampler(len(ds), 8, True, True, 3, r, 2), torch.device("cpu"), 3)
+              for r in range(2)]
+    seen = []
+    for s in shards:
+        s.sampler.set_epoch(2)
+        seen += [y for _, ys in s for y in ys.tolist()]
+    assert len(seen) == 64  # two ranks share the epoch
