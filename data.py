@@ -123,9 +123,12 @@ def finetune_transform(img_size, randaug_magnitude=9, reprob=0.25):
     """timm's create_transform as used by MAE/SimMIM fine-tuning (rand-m9-mstd0.5-inc1, reprob 0.25 'pixel'),
     written with torchvision v2. Differences to timm: torchvision's RandAugment has no magnitude noise (mstd0.5)
     and no 'inc' variants, and rotates/shears bilinearly (tensor kernels have no bicubic affine). MixUp/CutMix
-    act on batches and live in finetune.py."""
+    act on batches and live in finetune.py. randaug_magnitude 0 and reprob 0: crop and flip only, which is
+    pretrain_transform's (scale 0.08-1, bicubic) and so has its `.batched` twin for in-memory images."""
     if not 0 <= randaug_magnitude <= 10:
         raise ValueError(f"randaug magnitude {randaug_magnitude}: must be in 0..10 (timm's m0-m10 scale)")
+    if randaug_magnitude == 0 and reprob == 0:
+        return pretrain_transform(img_size, scale=(0.08, 1.0), interpolation="bicubic")
     if img_size <= SMALL:
         crop = _small_crop(img_size, "bicubic")  # the usual small-image recipe; RRC at scale 0.08 is too harsh
     else:

@@ -666,6 +666,44 @@ def finish(world, master, message, code=0):
         sys.exit(code)
 
 
+def blocks_of(arch, tokens=None):
+    """(tokens, width, heads, keys) of every block of a vit.py or swin.py encoder of this arch, for one image; a ViT
+    on `tokens` tokens (its visible ones), a Swin dense on all of them with its windows' keys."""
+    if "depths" in arch:
+        side, out = arch["img_size"] // arch["patch_size"], []
+        for s, (depth, heads) in enumerate(zip(arch["depths"], arch["num_heads"])):
+            out += [((side >> s) ** 2, arch["embed_dim"] << s, heads, min(arch["window_size"], side >> s) ** 2)] * depth
+        return out
+    t = tokens or (arch["img_size"] // arch["patch_size"]) ** 2 + int(arch["class_token"])
+    return [(t, arch["embed_dim"], arch["num_heads"], t)] * arch["depth"]
+
+
+def check_memory(blocks, args, device, world, frozen=()):
+    """Stop before the first step when the run cannot fit. The estimate: the runtime (~800 MB of a CPU process),
+    16 bytes per trained weight (weights, gradients, AdamW's two moments; + 2 for bf16 copies), 4 per frozen one,
+    200 MB per loader worker, and what autograd keeps per image: 36 bytes (bf16) or 110 (fp32) per token x channel
+    of every block, and per attention entry too where the attention is explicit (a CPU under bf16); frozen
+    blocks run without a graph. blocks/frozen: blocks_of(). Within 15 % of the measured peak on CPU (README)."""
+    bf16, cpu = args.amp != "none", device.type == "cpu"
+    units = sum(t * (d + h * s * (cpu and bf16)) for t, d, h, s in blocks)  # per image
+    params = sum(12 * d * d for _, d, _, _ in blocks) * (16 + 2 * bf16) + sum(12 * d * d for _, d, _, _ in frozen) * 4
+    act = args.batch_size * (units * (36 if bf16 else 110) + sum(t * d * 8 for t, d, _, _ in frozen))
+    need = (act + params) / 2 ** 20 + (800 + 200 * args.workers) * cpu
+    if cpu and os.path.exists("/proc/meminfo"):  # the RAM the OS can give, shared by this node's processes
+        with open("/proc/meminfo") as f:
+            free = int(next(x.split()[1] for x in f if x.startswith("MemAvailable"))) / 1024
+        free /= int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    elif cpu:  # not Linux: no check
+        free = math.inf
+    else:
+        free = torch.cuda.mem_get_info(device)[0] / 2 ** 20
+    if need > free:
+        sys.exit(f"error: this run needs about {need / 1024:.1f} GB ({act / 2 ** 30:.1f} GB of activations at "
+                 f"--batch-size {args.batch_size}) and {device} has {free / 1024:.1f} GB free per process; use "
+                 f"--preset tiny, or a smaller --batch-size with --accum-iter")
+    return need, free
+
+
 def peak_memory_mb(device):
     """Peak memory of this process: allocated CUDA memory on a GPU, resident set size on a CPU."""
     if device.type == "cuda":
@@ -717,6 +755,10 @@ def main(args):
             load_pretrained(model, args.pretrained, args.unsafe_load)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    L = encoder.grid[0] * encoder.grid[1]  # the decoders see every token (ViT: 1 + L; Swin: their stage grid)
+    decoders = [(1 + L, args.decoder_dim, args.decoder_dim // 32, 1 + L)] * 4 if is_vit else []
+    visible = 1 + int(L * (1 - args.mask_ratio)) if is_vit else None
+    need, free = check_memory(blocks_of(encoder.arch, visible) + decoders, args, device, world)
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay, model.no_decay), lr=0.0, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
@@ -758,6 +800,7 @@ def main(args):
               f"{'/'.join(map(str, raw.cells))} px | visible {int(m - pic_mask[0].sum())} of {m} "
               f"{'patches' if is_vit else 'mask units of 32 px'} | decoders "
               f"{'/'.join(f'{sum(p.numel() for p in d.parameters()) / 1e6:.3f}' for d in raw.decoder)}M")
+        print(f"memory: about {need:.0f} MB needed of {free:.0f} MB free per process (check_memory)")
         if args.compile:
             print("compiling... (the first steps are slow)")
 

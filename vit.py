@@ -98,14 +98,18 @@ class Attention(nn.Module):
         if rel_pos_rows:  # BEiT's per-block table (SimMIM fine-tuning); zero init as there
             self.relative_position_bias_table = nn.Parameter(torch.zeros(rel_pos_rows, num_heads))
 
-    def forward(self, x, bias=None, rel_index=None, return_attn=False):
+    def forward(self, x, bias=None, rel_index=None, return_attn=False, rows=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
         if hasattr(self, "relative_position_bias_table"):
             own = self.relative_position_bias_table[rel_index].movedim(-1, -3)  # (H, T, T) or (B, H, T, T)
             bias = own if bias is None else bias + own
         logits = None
-        if return_attn:  # the explicit path, only when a caller wants the attention itself; fp32 logits
+        if return_attn and rows:  # the logits of the first `rows` queries only (MaskAlign's cls row), fp32
+            logits = (q[:, :, :rows].float() * self.scale) @ k.float().transpose(-2, -1)  # (B, H, rows, T)
+            if bias is not None:
+                logits = logits + bias[..., :rows, :].float()
+        if return_attn and not rows:  # the explicit path, only when a caller wants the attention itself; fp32 logits
             logits = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # (B, H, T, T)
             if bias is not None:
                 logits = logits + bias.float()
@@ -132,8 +136,8 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, bias=None, rel_index=None, return_attn=False):
-        y, logits = self.attn(self.norm1(x), bias, rel_index, return_attn)
+    def forward(self, x, bias=None, rel_index=None, return_attn=False, rows=None):
+        y, logits = self.attn(self.norm1(x), bias, rel_index, return_attn, rows)
         x = x + self.drop_path(self.ls1(y))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return (x, logits) if return_attn else x
@@ -292,10 +296,11 @@ class VisionTransformer(nn.Module):
         pos = torch.cat([keep.new_zeros(keep.shape[0], 1), keep + 1], dim=1)  # (B, 1 + K): cls is row 0
         return self.rel_index[pos.unsqueeze(-1), pos.unsqueeze(1)]
 
-    def forward_features(self, img, mask=None, mask_token=None, keep=None, out_blocks=None, attn=False):
+    def forward_features(self, img, mask=None, mask_token=None, keep=None, out_blocks=None, attn=False, attn_rows=None):
         """Returns the tokens after the final `norm`, (B, T, D). With `out_blocks` (block indices) or `attn` (True for
         every block, or block indices), returns (tokens, [outputs of those blocks, before any norm], [attention logits
-        (B, H, T, T) of those blocks]): softmax(-1) of a logit map is that block's attention."""
+        (B, H, T, T) of those blocks]): softmax(-1) of a logit map is that block's attention. attn_rows=k: only the
+        logits of the first k queries, (B, H, k, T) (the cls row: k = 1), while the blocks keep the fused kernel."""
         x = self.embed(img, mask, mask_token, keep)
         index = self.rel_positions(keep)
         shared = self.rel_pos_bias(index) if self.rel_pos_bias is not None else None
@@ -305,7 +310,7 @@ class VisionTransformer(nn.Module):
         outs, logits = [], []
         for i, blk in enumerate(self.blocks):
             if i in attn_at:
-                x, a = blk(x, shared, index, return_attn=True)
+                x, a = blk(x, shared, index, return_attn=True, rows=attn_rows)
                 logits.append(a)
             else:
                 x = blk(x, shared, index)

@@ -42,8 +42,8 @@ MODEL = ["--model", "vit_tiny_patch16_224", "--model-patch-size", "4", "--depth"
 BUDGETS = {
     # 2 CPU cores, about 2 hours: each method gets about the same pretraining time on one core (epochs from the
     # img/s measured with bench/pretrain.py), fine-tuning is short
-    "cpu": dict(img_size=32, device="cpu", jobs=2, pretrain=dict(mae=25, simmim=10, localmim=16, maskalign=15),
-                finetune_epochs=dict(full=4, few=25), sweep=dict(lr=(1e-3, 2e-3), layer_decay=(0.75, 1.0)),
+    "cpu": dict(img_size=32, device="cpu", jobs=2, pretrain=dict(mae=15, simmim=6, localmim=7, maskalign=10),
+                finetune_epochs=dict(full=2, few=12), sweep=dict(lr=(1e-3, 2e-3), layer_decay=(0.75, 1.0)),
                 seeds=2, batch=64),
     # one GPU, about 8 minutes
     "gpu": dict(img_size=32, device="cuda", jobs=1, pretrain=dict(mae=100, simmim=40, localmim=60, maskalign=60),
@@ -71,6 +71,7 @@ def get_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.1, help="of the training images, for the sweep")
     p.add_argument("--few", type=float, default=0.1, help="the scarce-label fraction")
     p.add_argument("--seed", type=int, default=0, help="the splits and subsets")
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # a probe stage: OUT/probe.json of one encoder
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in args.methods if m not in METHODS]
@@ -205,7 +206,8 @@ def finetune_argv(args, budget, folder, model, split, lr, layer_decay, seed):
     epochs = budget["finetune_epochs"]["full" if split.endswith("full") else "few"]
     return ["finetune.py", "--pretrained", f"init:{scratch}" if model == "scratch" else encoder,
             "--data", os.path.join(folder, "data", split), "--recipe", "mae", "--lr", str(lr), "--layer-decay",
-            str(layer_decay), "--epochs", str(epochs), "--warmup-epochs", str(max(1, epochs // 10) if epochs > 1 else 0),
+            str(layer_decay), "--epochs", str(epochs), "--warmup-epochs", str(round(0.1 * epochs, 2)),
+            "--randaug", "0", "--smoothing", "0.1", "--drop-path", "0.1",  # short runs: crop + flip only
             "--batch-size", str(budget["batch"]), "--device", budget["device"], "--workers", "0", "--seed", str(seed),
             "--log-every", "1000"]
 
@@ -336,6 +338,10 @@ def plot(rows, label, path, few):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.probe:  # run by a probe stage: --out is its folder, beside the data folder
+        with open(os.path.join(args.out, "probe.json"), "w") as f:
+            json.dump(probe(os.path.dirname(os.path.abspath(args.out)), args.probe), f)
+        return
     budget = BUDGETS[args.budget]
     jobs = args.jobs or budget["jobs"]
     out = args.out
@@ -360,6 +366,11 @@ def main(argv=None):
     stages = [(f"pretrain_{m}", ["pretrain_mae"] if m == "maskalign" else [], pretrain_argv(args, budget, m, out))
               for m in args.methods]
     models = ["scratch", *args.methods]
+    encoders = [("pixels", "pixels", "data"), ("init", "init:" + os.path.join(out, "pretrain_mae", "encoder.pth"),
+                                               "pretrain_mae")]
+    encoders += [(m, os.path.join(out, f"pretrain_{m}", "encoder.pth"), f"pretrain_{m}") for m in args.methods]
+    stages += [(f"probe_{name}", [dep] if dep != "data" else [],
+                [os.path.join("bench", "efficacy.py"), "--probe", enc]) for name, enc, dep in encoders]
     grid = [(lr, ld) for lr in budget["sweep"]["lr"] for ld in budget["sweep"]["layer_decay"]]
     for m in models:
         dep = "pretrain_mae" if m == "scratch" else f"pretrain_{m}"
@@ -381,19 +392,7 @@ def main(argv=None):
                    for split, s in runs]
     run_stages(stages, jobs, args.resume, out, threads)
 
-    probes = {}
-    for name, enc in [("pixels", "pixels"), ("init", "init:" + os.path.join(out, "pretrain_mae", "encoder.pth"))] + \
-            [(m, os.path.join(out, f"pretrain_{m}", "encoder.pth")) for m in args.methods]:
-        path = os.path.join(out, f"probe_{name}.json")
-        if not os.path.exists(path):
-            t0 = time.time()
-            result = probe(out, enc)
-            os.makedirs(os.path.join(out, f"probe_{name}"), exist_ok=True)
-            with open(os.path.join(out, f"probe_{name}", "done.json"), "w") as f:
-                json.dump({"wall_s": round(time.time() - t0, 1)}, f)
-            with open(path, "w") as f:
-                json.dump(result, f)
-        probes[name] = json.load(open(path))
+    probes = {name: json.load(open(os.path.join(out, f"probe_{name}", "probe.json"))) for name, _, _ in encoders}
     finals = {(m, split, s): final_top1(os.path.join(out, f"{split}_{m}_seed{s}"))
               for m in models for split, s in [("final_full", 0)] + [("final_few", s) for s in range(budget["seeds"])]}
     report(args, budget, out, sizes, probes, {m: chosen(m) for m in models}, finals)

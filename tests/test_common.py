@@ -5,6 +5,8 @@ import inspect
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,12 +17,16 @@ import localmim
 import mae
 import maskalign
 import simmim
+import swin
+import vit
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = (mae, simmim, localmim, maskalign, finetune)
 SHARED = {  # helper -> the method files that carry a copy
     **{name: METHODS for name in ("HelpFormatter", "parse", "setup_distributed", "build_encoder", "prepare_out",
                                   "resume_from", "trim_log", "save_files", "last_good", "catch_signals",
-                                  "stop_requested", "finish", "peak_memory_mb", "param_groups")},
+                                  "stop_requested", "finish", "blocks_of", "check_memory", "peak_memory_mb",
+                                  "param_groups")},
     "mae_lr": (mae, localmim, maskalign, finetune),
     "simmim_lr": (simmim, finetune),
 }
@@ -83,3 +89,35 @@ def test_trim_log_keeps_the_records_up_to_the_checkpoint(tmp_path):
     assert [json.loads(line)["step"] for line in log.open()] == [1, 2, 3]
     simmim.trim_log(str(tmp_path / "absent.jsonl"), 3)  # a first run has no log yet: nothing to do
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_blocks_of_vit_and_swin():
+    arch = vit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, num_classes=0).arch
+    assert mae.blocks_of(arch) == [(65, 192, 3, 65)] * 3 and mae.blocks_of(arch, 17)[0] == (17, 192, 3, 17)
+    arch = swin.create_model("swin_tiny_patch4_window7_224", num_classes=0).arch  # 56 / 28 / 14 / 7 tokens a side
+    assert mae.blocks_of(arch) == [(3136, 96, 3, 49)] * 2 + [(784, 192, 6, 49)] * 2 + [(196, 384, 12, 49)] * 6 + \
+        [(49, 768, 24, 49)] * 2
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("mae", ["--decoder-dim", "128", "--decoder-depth", "2", "--decoder-heads", "4", "--amp", "bf16"]),
+    ("simmim", ["--mask-patch-size", "4", "--amp", "none"])])
+def test_memory_estimate_is_near_the_measured_peak(script, flags, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, f"{script}.py", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-patch-size",
+           "4", "--depth", "6", "--batch-size", "96", "--steps", "3", "--num-images", "192", "--device", "cpu",
+           "--no-compile", "--workers", "0", "--log-every", "1", "--out", str(out), *flags]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    estimate = float(r.stdout.split("memory: about ")[1].split(" MB")[0])
+    peak = json.loads(open(out / "log.jsonl").read().splitlines()[-1])["peak_mem_mb"]
+    assert abs(estimate - peak) < 0.3 * peak, (estimate, peak)
+
+
+def test_a_run_that_cannot_fit_stops_before_its_first_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "100000")  # 100 000 processes to share this machine's RAM
+    with pytest.raises(SystemExit) as e:
+        mae.main(mae.get_args(["--preset", "tiny", "--workers", "0", "--out", str(tmp_path)]))
+    assert "GB free per process; use --preset tiny, or a smaller --batch-size with --accum-iter" in str(e.value)
+    assert not (tmp_path / "log.jsonl").exists()

@@ -53,6 +53,34 @@ def test_sdpa_equals_explicit_attention(rpb):
     assert len(logits) == 2 and logits[0].shape == (2, 4, 65, 65)
 
 
+@pytest.mark.parametrize("rpb", ["shared", "block"])
+def test_fused_attention_with_a_bias_has_the_explicit_gradients(rpb):
+    """The relative position bias goes to SDPA as an additive attn_mask with its gradient (on CUDA the efficient
+    kernel takes both; bench/gpu.py reports the backend): outputs and every gradient, the tables' included, equal
+    those of the explicit softmax path."""
+    m = randomize(tiny(rel_pos_bias=rpb, init_values=0.1))
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for explicit in (False, True):
+        m.zero_grad()
+        out = m.forward_features(x, attn=explicit)
+        (out[0] if explicit else out).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert any("relative_position_bias_table" in n for n in grads[0])
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_bf16_attention_path_matches_fp32(monkeypatch):
+    m = randomize(tiny(rel_pos_bias="shared", init_values=0.1))
+    x = torch.randn(2, 3, 32, 32)
+    ref = m.forward_features(x)
+    monkeypatch.setattr(vit.F, "scaled_dot_product_attention", None)  # must not be called: the explicit path runs
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (SDPA's CPU kernels are slower under bf16)
+        low = m.forward_features(x)
+    assert (low.float() - ref).abs().max() < 0.02 * ref.abs().max()
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(global_pool="avg"), dict(init_values=0.1), dict(class_token=False,
                                                                                              global_pool="avg")])
 def test_timm_keys_and_numerics(kw):
