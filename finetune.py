@@ -126,15 +126,15 @@ def get_args(argv=None):
     # optimisation: None = the recipe's value
     p.add_argument("--batch-size", type=int, default=None, help="per process")
     p.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's (100)")
     p.add_argument("--warmup-epochs", type=float, default=None, help="default: the recipe's share of --epochs")
     p.add_argument("--blr", type=float, default=None, help="base LR per 256 images (SimMIM: per 512)")
     p.add_argument("--lr", type=float, default=None, help="absolute LR; overrides --blr (LocalMIM)")
     p.add_argument("--warmup-lr", type=float, default=None, help="SimMIM's WARMUP_LR (per 512 images)")
-    p.add_argument("--min-lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--min-lr", type=float, default=None, help="the floor of the cosine")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (0.05)")
     p.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay (1 = off)")
-    p.add_argument("--drop-path", type=float, default=None)
+    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth of the encoder")
     p.add_argument("--clip-grad", type=float, default=None, help="max grad norm; 0 = off")
     p.add_argument("--mixup", type=float, default=None, help="MixUp alpha (0 = off)")
     p.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0 = off)")
@@ -145,7 +145,7 @@ def get_args(argv=None):
     # runtime
     p.add_argument("--out", default="runs/finetune", help="ckpt.pt, classifier.pth and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                    help="autocast dtype (default: bf16 where the GPU or CPU runs it natively, else none)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -713,8 +713,8 @@ def main(args):
             print("compiling... (the first steps are slow)")
 
     def save():
-        save_files({os.path.join(args.out, "classifier.pth"): {"model": raw.state_dict(), "arch": raw.arch, "step": step,
-                                                                "num_classes": val.num_classes},
+        save_files({os.path.join(args.out, "classifier.pth"): {"model": raw.state_dict(), "arch": raw.arch,
+                                                                "step": step, "num_classes": val.num_classes},
                     ckpt_path: {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                                 "epoch": step // steps_per_epoch, "step": step, "args": vars(args), "best_top1": best}},
                    step, ckpt_path)  # classifier.pth: timm layout; vit/swin.load_checkpoint read it
@@ -777,8 +777,8 @@ def main(args):
                         f.write(json.dumps(rec) + "\n")
                 log_loss.zero_()
                 logged, t0, seen = 0, time.time(), 0
-            stopping = stop_requested(world)
-            if master and (stopping or step >= last or (end_of_epoch and (step // steps_per_epoch) % args.save_every == 0)):
+            stopping, done = stop_requested(world), step // steps_per_epoch
+            if master and (stopping or step >= last or (end_of_epoch and done % args.save_every == 0)):
                 save()
             if stopping:
                 bar.close()

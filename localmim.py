@@ -125,7 +125,7 @@ def get_args(argv=None):
     # runtime
     p.add_argument("--out", default="runs/localmim", help="checkpoints, log.jsonl and pictures")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                    help="autocast dtype (default: bf16 where the GPU or CPU runs it natively, else none)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -427,7 +427,8 @@ def load_pretrained(model, path, unsafe):
     official LocalMIM Swin release has its PatchMerging children reordered (swin.load_checkpoint, pretraining)."""
     sd, _ = vit.load_checkpoint(path, unsafe) if model.is_vit else swin.load_checkpoint(path, unsafe, pretraining=True)
     sd, own = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}, model.encoder.state_dict()
-    bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and v.shape != own[k].shape]
     if not bad:
         missing, unexpected = model.encoder.load_state_dict(sd, strict=False)
         bad = [f"missing {k}" for k in missing if not k.startswith("norm.")] + [f"unexpected {k}" for k in unexpected]

@@ -80,7 +80,7 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default="data", help="where torchvision datasets are (downloaded)")
     p.add_argument("--num-images", type=int, default=None, help="epoch length of synthetic; a fixed subset otherwise")
     p.add_argument("--model", default="vit_large_patch16_224", help="a ViT of vit.py, spelled as in timm")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--model-patch-size", type=int, default=None, help="ViT patch size (default: the model name's); "
                    "e.g. 4 for 32-px images")
     p.add_argument("--depth", type=int, default=None, help="ViT blocks (default: the model name's); fewer for CPU runs")
@@ -99,17 +99,17 @@ def get_args(argv=None):
     # optimisation (main_pretrain.py, PRETRAIN.md)
     p.add_argument("--batch-size", type=int, default=64, help="per process (recipe: 64 x 64 GPUs)")
     p.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    p.add_argument("--epochs", type=int, default=800)
-    p.add_argument("--warmup-epochs", type=float, default=40)
+    p.add_argument("--epochs", type=int, default=800, help="PRETRAIN.md: 800 (the releases: 1600)")
+    p.add_argument("--warmup-epochs", type=float, default=40, help="linear warmup from 0, then a half cosine")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base LR; absolute LR = blr * total batch / 256")
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--min-lr", type=float, default=0.0, help="the floor of the cosine")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max grad norm; 0 = off (MAE does not clip)")
     p.add_argument("--steps", type=int, default=0, help="stop after this many optimizer steps (0 = all epochs)")
     # runtime
     p.add_argument("--out", default="runs/mae", help="checkpoints, log.jsonl and pictures")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                    help="autocast dtype (default: bf16 where the GPU or CPU runs it natively, else none)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

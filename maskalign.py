@@ -122,7 +122,7 @@ def get_args(argv=None):
     # runtime
     p.add_argument("--out", default="runs/maskalign", help="checkpoints and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                    help="autocast dtype (default: bf16 where the GPU or CPU runs it natively, else none)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

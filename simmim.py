@@ -106,20 +106,20 @@ def get_args(argv=None):
     # optimisation (config.py + yamls)
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--warmup-epochs", type=float, default=10)
+    p.add_argument("--epochs", type=int, default=100, help="§4.1: 100 (the 800-epoch presets)")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup from --warmup-lr")
     p.add_argument("--blr", type=float, default=2e-4, help="BASE_LR; absolute LR = blr * total batch / 512")
     p.add_argument("--warmup-lr", type=float, default=1e-6, help="WARMUP_LR, scaled like --blr")
     p.add_argument("--min-lr", type=float, default=1e-5, help="MIN_LR, scaled like --blr (cosine only)")
-    p.add_argument("--schedule", choices=["cosine", "multistep"], default="cosine")
+    p.add_argument("--schedule", choices=["cosine", "multistep"], default="cosine", help="after the warmup")
     p.add_argument("--milestones", type=int, nargs="+", default=[700], help="multistep: epochs where the LR x0.1")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--clip-grad", type=float, default=5.0, help="max grad norm; 0 = off")
     p.add_argument("--steps", type=int, default=0, help="stop after this many optimizer steps (0 = all epochs)")
     # runtime
     p.add_argument("--out", default="runs/simmim", help="checkpoints, log.jsonl and pictures")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                    help="autocast dtype (default: bf16 where the GPU or CPU runs it natively, else none)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -722,8 +722,8 @@ def main(args):
         data.plot_log(args.out)
     minutes = (time.time() - t_start) / 60
     finish(world, master, f"done: {step - step0} steps in {minutes:.1f} min; {args.out}/ holds ckpt.pt, encoder.pth, "
-                          f"log.jsonl, loss.png, recon_*.png\nfine-tune: python finetune.py --recipe simmim --pretrained "
-                          f"{args.out}/encoder.pth --data {args.data}")
+                          f"log.jsonl, loss.png, recon_*.png\nfine-tune: python finetune.py --recipe simmim "
+                          f"--pretrained {args.out}/encoder.pth --data {args.data}")
 
 
 if __name__ == "__main__":

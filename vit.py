@@ -638,8 +638,8 @@ def convert_torchvision(sd):
 def convert_beit(sd):
     """Official SimMIM ViT (BEiT-style; also timm beit_*) -> ours. qkv.bias = [q_bias, 0, v_bias]: the k bias is a
     fixed zero there, and since a bias on the keys adds the same q.b_k to every logit of a query row, the softmax
-    ignores it: the same function (in training its gradient is zero up to rounding, so AdamW moves it by a little:
-    ~6e-7 in 50 fp32 steps, ~3e-3 under bf16, still without effect on the output). gamma_1/2 -> ls1/ls2.gamma; the relative
+    ignores it: the same function (in training its gradient is zero up to rounding, so AdamW moves it a little:
+    ~6e-7 in 50 fp32 steps, ~3e-3 under bf16, without effect on the output). gamma_1/2 -> ls1/ls2.gamma; the relative
     position tables keep their names. A SimMIM pretraining checkpoint drops `decoder.*` and `mask_token`."""
     if any(k.startswith("encoder.") for k in sd):
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}

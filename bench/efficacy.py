@@ -279,7 +279,8 @@ def report(args, budget, out, sizes, probes, choice, finals):
             r.update(lr=choice[name][0], layer_decay=choice[name][1], few=few, full=finals[(name, "final_full", 0)],
                      few_mean=float(np.mean(few)), few_std=float(np.std(few, ddof=1)) if len(few) > 1 else 0.0)
         if name in args.methods:
-            r.update(pretrain_epochs=budget["pretrain"][name], pretrain_min=round(wall(out, f"pretrain_{name}") / 60, 1))
+            minutes = round(wall(out, f"pretrain_{name}") / 60, 1)
+            r.update(pretrain_epochs=budget["pretrain"][name], pretrain_min=minutes)
         rows[name] = r
     label = {"pixels": "raw pixels (2x2 pooled)", "init": "random init (same ViT)", "scratch": "from scratch",
              "mae": "MAE", "simmim": "SimMIM", "localmim": "LocalMIM", "maskalign": "MaskAlign (MAE teacher)"}

@@ -121,3 +121,47 @@ def test_a_run_that_cannot_fit_stops_before_its_first_step(tmp_path, monkeypatch
         mae.main(mae.get_args(["--preset", "tiny", "--workers", "0", "--out", str(tmp_path)]))
     assert "GB free per process; use --preset tiny, or a smaller --batch-size with --accum-iter" in str(e.value)
     assert not (tmp_path / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("module", [*METHODS, "analyze"])
+def test_help_teaches_every_option_and_ends_with_examples(module, capsys):
+    import analyze
+    mod = analyze if module == "analyze" else module
+    with pytest.raises(SystemExit):
+        mod.get_args(["--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and text.count("python ") + text.count("torchrun ") >= 2
+    parser_actions = [a for a in _parser(mod)._actions if a.dest != "help"]
+    assert all(a.help for a in parser_actions), [a.dest for a in parser_actions if not a.help]
+
+
+def _parser(mod):
+    """The ArgumentParser a get_args builds (captured at parse time)."""
+    import argparse
+    seen = []
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *a, **k):
+        seen.append(self)
+        raise SystemExit(0)
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        mod.get_args([])
+    except SystemExit:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return seen[0]
+
+
+def test_a_run_talks_in_one_based_epochs_and_ends_with_what_it_wrote(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "mae.py", "--preset", "tiny", "--num-images", "64", "--epochs", "2",
+                        "--workers", "0", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "epoch 1/2" in r.stderr and "epoch 2/2" in r.stderr and "epoch 0/" not in r.stderr
+    last = r.stdout.strip().splitlines()
+    assert last[-2].startswith("done: 2 steps") and "ckpt.pt, encoder.pth, log.jsonl, loss.png" in last[-2]
+    assert last[-1].startswith("fine-tune: python finetune.py --recipe mae --pretrained") and (out / "loss.png").exists()
+    assert [json.loads(x)["epoch"] for x in open(out / "log.jsonl")] == [1.0, 2.0]
