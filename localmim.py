@@ -16,15 +16,16 @@ Deviations from the official code (with the reason):
   permutation-equivariant and the decoder unshuffles, so only the float summation order changes.
 - ViT with fewer than 7 blocks (CPU models): the official ID = [1, 3, depth-3, depth-1] repeats blocks there (and
   then feeds the decoders in the wrong order), so 4 evenly spaced blocks are used instead; depth >= 7 is official.
-- Swin: a dense encoder where, in every window, visible queries ignore the keys of masked tokens (swin.py
-  visible_only) instead of GreenMIM's gathering and window grouping. The visible tokens get exactly the outputs of
-  that grouping done right (tested), but the masked ones are computed too (4x the encoder work at 75% masking). The
-  released code gives merged tokens raster coordinates while tokens and mask are in mask-unit order (Swin/
-  models_mim.py L257-258, copied from GreenMIM's first release): from stage 2 on it groups windows and indexes
-  relative positions wrongly, so its stage 2-4 outputs differ from ours by 1.7-2.8 and its loss by 0.08-0.4 %.
-  Each decoder puts its mask token at the masked positions of the dense grid: GreenMIM's gather + unshuffle + raster
-  reorder, in one step. --pretrained on an official LocalMIM Swin release reorders its PatchMerging weights
-  (swin.reorder_merges: the release merges children row-first, Swin column-first).
+- Swin: the encoder computes the visible tokens only, as GreenMIM, but groups them per window with padding
+  (swin.window_groups: one group per window and shift region, padded to the largest) instead of GreenMIM's knapsack;
+  the outputs equal those of the dense visible-only encoder (every token computed, masked keys hidden; tested),
+  which is what GreenMIM's grouping computes when done right. The released code gives merged tokens raster
+  coordinates while tokens and mask are in mask-unit order (Swin/models_mim.py L257-258, copied from GreenMIM's
+  first release): from stage 2 on it groups windows and indexes relative positions wrongly, so its stage 2-4
+  outputs differ from ours by 1.7-2.8 and its loss by 0.08-0.4 %. Each decoder puts its mask token at the masked
+  positions of its grid: GreenMIM's unshuffle + raster reorder, in one step. --pretrained on an official LocalMIM
+  Swin release reorders its PatchMerging weights (swin.reorder_merges: it merges children row-first, Swin
+  column-first).
 - Swin mask units are the encoder's stride (32 px, the official unit); an image whose units would all be masked by
   the official count int(r L) + 1 is refused.
 - bf16 autocast on GPUs instead of fp16 + GradScaler; targets (HOG and pixels) in fp32 outside autocast (the
@@ -259,10 +260,12 @@ class SwinDecoder(nn.Module):
         xavier_(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, x, mask):
-        """x (B, g, g, C) dense stage output; mask (B, g * g), 1 = masked -> (B, g * g, out_dim)."""
-        # the mask token wherever the mask is: the visible tokens stay at their own positions (raster order)
-        x = torch.where(mask[..., None] > 0, self.mask_token, self.embed(x.flatten(1, 2))) + self.pos_embed
+    def forward(self, x, where):
+        """x (B, N, C): a stage's visible tokens; where (N,): their raster positions on its g x g grid
+        -> (B, g * g, out_dim). The mask token at every other position: GreenMIM's unshuffle, in one step."""
+        e = self.embed(x)  # (B, N, w)
+        x = self.mask_token.to(e.dtype).expand(x.shape[0], self.pos_embed.shape[1], -1).index_copy(1, where, e)
+        x = x + self.pos_embed  # (B, g * g, w)
         for blk in self.blocks:
             x = blk(x)
         return self.pred(self.norm(x))
@@ -373,9 +376,11 @@ class LocalMIM(nn.Module):
         mask = torch.randperm(m * m, device=device) <= int(self.mask_ratio * m * m)  # (m * m,)
         return mask.float().view(1, m, m).expand(B, m, m)
 
-    def tap(self, x, latents):
-        """A local layer: its own LayerNorm on a side branch; the residual stream goes on un-normalised."""
-        latents.append(self.norm[len(latents)](x))
+    def tap(self, x, latents, where=None):
+        """A local layer: its own LayerNorm on a side branch; the residual stream goes on un-normalised. Swin: with
+        the raster positions of its visible tokens on the stage's grid."""
+        z = self.norm[len(latents)](x)
+        latents.append(z if where is None else (z, where))
         return x.detach() if self.stop_grad else x
 
     def encode(self, img, mask):
@@ -389,17 +394,19 @@ class LocalMIM(nn.Module):
                 if i in self.ids:
                     x = self.tap(x, latents)
             return latents
-        # Swin: masked tokens never influence visible ones; latents are taken after PatchMerging (official layout)
-        x = enc.embed(img)  # (B, H, W, C)
-        visible = mask_to_scale(mask, enc.grid[0]).view(img.shape[0], *enc.grid) == 0  # (B, H, W): 8x8 per unit
+        # Swin: the visible tokens alone (GreenMIM's gathering; the mask is one for the batch), windows grouped per
+        # block (swin.window_groups); latents are taken after PatchMerging (the official layout)
+        H = enc.grid[0]
+        coords = (mask_to_scale(mask[:1], H).view(H, H) == 0).nonzero()  # (N, 2): 8 x 8 tokens per visible unit
+        x = enc.embed(img)[:, coords[:, 0], coords[:, 1]]  # (B, N, C)
         for s, stage in enumerate(enc.layers):
+            res = H >> s
             if s > 0:
-                x, visible = stage.downsample(x), swin.merge_visible(visible)  # (B, H/2, W/2, 2C)
-                x = self.tap(x, latents)
-            for blk in stage.blocks:
-                x = blk(x, visible)
-        self.tap(x, latents)
-        return latents  # (B, 28, 28, 2C), (B, 14, 14, 4C), (B, 7, 7, 8C), (B, 7, 7, 8C) for Swin-B
+                coords, children = swin.merge_children(coords, 2 * res)
+                x = self.tap(stage.downsample.forward_visible(x, children), latents, coords[:, 0] * res + coords[:, 1])
+            x = stage.forward_visible(x, coords, res)
+        self.tap(x, latents, coords[:, 0] * res + coords[:, 1])
+        return latents  # Swin-B, 75 %: 192 x 2C on 28 x 28, 48 x 4C on 14 x 14, 12 x 8C on 7 x 7, twice
 
     @torch.no_grad()
     def targets(self, img):
@@ -416,7 +423,7 @@ class LocalMIM(nn.Module):
             restore = mask.flatten(1).argsort(dim=1, stable=True).argsort(1)  # (B, N)
             preds = [dec(z, restore) for dec, z in zip(self.decoder, latents)]
         else:
-            preds = [dec(z, m) for dec, z, m in zip(self.decoder, latents, masks)]
+            preds = [dec(z, where) for dec, (z, where) in zip(self.decoder, latents)]
         targets = self.targets(img)
         terms = torch.stack([local_loss(p, t, m) for p, t, m in zip(preds, targets, masks)])  # weights all 1
         return terms.sum(), terms, preds, targets, masks

@@ -15,16 +15,17 @@ The backbone of SimMIM (Swin-B/L at 192 px) and of LocalMIM's Swin variant. What
 method's code living here (see `embed` and `forward_features`):
   (a) `mask` + `mask_token`: SimMIM's entry, x * (1 - w) + mask_token * w after the patch-embed LayerNorm,
   (b) `out_stages` / `attn`: the output of every stage and the attention logits (LocalMIM, analyze.py),
-  (c) `visible_only`: LocalMIM's encoder sees only the visible tokens. GreenMIM (which LocalMIM copies) gathers them
-      and regroups windows with a knapsack; here the model stays dense and, inside every window, a visible query
-      gets -inf on the keys of masked tokens, while PatchMerging marks a merged token visible iff its 2x2 children
-      all are. Exact for the visible tokens (their outputs never depend on a masked token, for any mask, and
-      LocalMIM's 32-px mask units stay whole), but it pays the dense compute on the masked ones too. It equals
+  (c) LocalMIM's encoder on the visible tokens: `forward_visible` of the stages, blocks and PatchMerging takes the
+      visible tokens alone (B, N, C) with their coordinates, and every block attends within groups of one window
+      (window_groups); `visible_only` is the same computation dense: inside every window a visible query gets -inf
+      on the keys of masked tokens, and PatchMerging marks a merged token visible iff its 2x2 children all are. Both
+      are exact for the visible tokens (their outputs never depend on a masked token; LocalMIM's 32-px mask units
+      stay whole); the visible-token path computes a quarter of the tokens at 75 % masking. They equal
       GreenMIM's grouping with true token coordinates; the released LocalMIM Swin code (Swin/models_mim.py L257-258,
       from GreenMIM's first release) gives merged tokens raster coordinates while tokens and mask are in mask-unit
       order, so from stage 2 on it groups windows and indexes relative positions wrongly: its stage 2-4 outputs
-      differ from these by 1.7-2.8, its loss by 0.08-0.4 % (tests/test_swin.py checks ours against the grouping
-      done right). A LocalMIM Swin release also merges the 2x2 children of PatchMerging row-first where Swin takes
+      differ from these by 1.7-2.8, its loss by 0.08-0.4 %, while with that bug fixed it equals ours within 3e-6
+      (a side-by-side review with the official code). A LocalMIM Swin release also merges the 2x2 children of PatchMerging row-first where Swin takes
       them column-first: reorder_merges() maps its weights to this model for continued pretraining.
 The end of the file reads the official checkpoints (downsample at the end of a stage, `head.*`) into timm's layout,
 and resizes relative-position tables when the window changes (SimMIM fine-tuning: 6 -> 7, 12 -> 14).
@@ -89,6 +90,46 @@ def merge_visible(visible):
     return visible.view(B, H // 2, 2, W // 2, 2).all(4).all(2)
 
 
+# The visible tokens alone (LocalMIM: one mask for the batch, of whole 32-px units): tokens (B, N, C) at coordinates
+# (N, 2), raster order. Every block groups them by window (and, shifted, by the region of the cyclic shift) into
+# padded groups; a query attends to the visible keys of its own group, which is what the dense visible-only path
+# computes for it, at the cost of the visible tokens only (a quarter at 75 % masking).
+
+def window_groups(coords, res, w, s):
+    """The groups of one block (window w, shift s) of the tokens at coords (N, 2) of a res x res stage. Returns
+    index (nG, G) into the tokens (padding points at token 0), pad (nG, G) bool, and the relative-position index
+    (nG, G, G) into the window's table: the offsets of the true coordinates, which inside one shift region are the
+    offsets in the shifted frame."""
+    r, c = ((coords - s) % res).unbind(1)  # coordinates after the cyclic shift by -s
+    bounds = torch.tensor([res - w, res - s] if s else [res], device=coords.device)
+    region = torch.bucketize(r, bounds, right=True) * 3 + torch.bucketize(c, bounds, right=True)
+    group = ((r // w) * (res // w) + c // w) * 9 + region  # one id per (window, region)
+    order = group.argsort(stable=True)
+    ids, counts = group[order].unique_consecutive(return_counts=True)
+    nG, G = len(ids), int(counts.max())
+    slot = torch.arange(len(order), device=coords.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+    row = torch.arange(nG, device=coords.device).repeat_interleave(counts)
+    index = torch.zeros(nG, G, dtype=torch.long, device=coords.device)
+    pad = torch.ones(nG, G, dtype=torch.bool, device=coords.device)
+    index[row, slot], pad[row, slot] = order, False
+    yx = coords[index]  # (nG, G, 2)
+    d = yx[:, :, None] - yx[:, None, :] + w - 1  # (nG, G, G, 2)
+    return index, pad, (d[..., 0] * (2 * w - 1) + d[..., 1]).clamp(0, (2 * w - 1) ** 2 - 1)
+
+
+def merge_children(coords, res):
+    """PatchMerging of visible tokens: the coordinates (N/4, 2) of the merged tokens, raster order, and the index
+    (N/4, 4) of each one's children in Swin's concat order (0,0), (1,0), (0,1), (1,1). All 4 must be visible."""
+    flat = torch.full((res * res,), -1, dtype=torch.long, device=coords.device)
+    flat[coords[:, 0] * res + coords[:, 1]] = torch.arange(len(coords), device=coords.device)
+    parents = (coords // 2).unique(dim=0)  # sorted rows: raster order
+    py, px = parents.unbind(1)
+    children = torch.stack([flat[(2 * py + dy) * res + 2 * px + dx] for dy, dx in ((0, 0), (1, 0), (0, 1), (1, 1))], 1)
+    if (children < 0).any():
+        raise ValueError("a merged token with a masked child: the mask must be made of whole 2x2 cells at every stage")
+    return parents, children
+
+
 class WindowAttention(nn.Module):
     def __init__(self, dim, num_heads, window_size, qkv_bias=True):
         super().__init__()
@@ -100,14 +141,18 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None, return_attn=False):
+    def forward(self, x, mask=None, return_attn=False, rel_index=None):
         """x (B, nW, N, C); mask None or additive (1 or B, nW, N, N). The heads of all windows share a batch row,
-        so a mask that is the same for every image broadcasts over B instead of being copied B times (as timm's)."""
+        so a mask that is the same for every image broadcasts over B instead of being copied B times (as timm's).
+        rel_index (nW, N, N): each window's own relative positions (groups of visible tokens)."""
         B, nW, N, C = x.shape
         h = self.num_heads
         qkv = self.qkv(x).view(B, nW, N, 3, h, C // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, hd)
         q, k, v = qkv.reshape(3, B, nW * h, N, C // h).unbind(0)  # (B, nW*h, N, hd)
-        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (h, N, N)
+        if rel_index is None:
+            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (h, N, N)
+        else:
+            bias = self.relative_position_bias_table[rel_index].permute(0, 3, 1, 2)  # (nW, h, N, N)
         bias = bias.expand(1, nW, h, N, N) if mask is None else mask.unsqueeze(2) + bias  # (1 or B, nW, h, N, N)
         bias = bias.reshape(-1, nW * h, N, N)
         # SDPA, except when a caller wants the attention itself, and in CPU training: torch's CPU flash kernel takes
@@ -157,6 +202,15 @@ class SwinBlock(nn.Module):
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, logits) if return_attn else x
 
+    def forward_visible(self, x, groups):
+        """x (B, N, C): visible tokens only; groups: window_groups() for this block's window and shift."""
+        index, pad, rel = groups
+        hide = torch.where(pad, float("-inf"), 0.0)[None, :, None, :]  # (1, nG, 1, G): padding is no key
+        y, _ = self.attn(self.norm1(x)[:, index], hide, rel_index=rel)  # (B, nG, G, C)
+        y = torch.zeros_like(x).index_copy(1, index[~pad], y[:, ~pad])  # back to the tokens' order
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
 
 class PatchMerging(nn.Module):
     def __init__(self, dim, eps=1e-5):
@@ -168,6 +222,10 @@ class PatchMerging(nn.Module):
         B, H, W, C = x.shape  # the 2x2 children in the official concat order x0..x3: (0,0), (1,0), (0,1), (1,1)
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
         return self.reduction(self.norm(x))  # (B, H/2, W/2, 2C)
+
+    def forward_visible(self, x, children):
+        """x (B, N, C) visible tokens, children (N/4, 4) from merge_children -> (B, N/4, 2C)."""
+        return self.reduction(self.norm(x[:, children].flatten(2)))
 
 
 class SwinStage(nn.Module):
@@ -196,6 +254,14 @@ class SwinStage(nn.Module):
                 x, a = blk(x, visible, return_attn=True)
                 logits.append(a)
         return x, visible
+
+    def forward_visible(self, x, coords, res):
+        """The blocks on the visible tokens x (B, N, C) at coords (N, 2) of this res x res stage (after its
+        PatchMerging): two groupings, the plain windows and the shifted ones."""
+        groups = [window_groups(coords, res, blk.window_size, blk.shift_size) for blk in self.blocks[:2]]
+        for i, blk in enumerate(self.blocks):
+            x = blk.forward_visible(x, groups[i % 2])
+        return x
 
 
 class PatchEmbed(nn.Module):

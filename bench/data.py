@@ -1,16 +1,20 @@
 """
 Throughput of data.py: synthetic generation alone on one core (targets: >= 2000 img/s at 32 px, >= 200 at 224),
-generation + transform on one core, and the DataLoader with N workers.
+generation + transform on one core, the DataLoader with N workers, and the two paths for images held in memory
+(.npz, CIFAR, STL-10): per-image transforms in loader workers vs DeviceLoader's batched augmentation.
 
     python bench/data.py --workers 2
+    python bench/data.py --device cuda            # DeviceLoader on the GPU
 """
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 # `python bench/data.py` puts bench/ first on sys.path, where `import data` would find this file: use the repo root.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
@@ -18,6 +22,7 @@ import data  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("--workers", type=int, default=2, help="loader workers (this machine: 2 cores)")
 parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+parser.add_argument("--device", default="cpu", help="where DeviceLoader batches the in-memory images")
 args = parser.parse_args()
 torch.set_num_threads(1)  # one core: the number that matters is images/s per worker
 
@@ -55,3 +60,23 @@ for size, batch in ((32, 256), (224, 64)):
     while time.perf_counter() - t0 < args.seconds:
         n += len(next(it)[1])
     print(f"{size:4d} px  {args.workers} workers, batch {batch}, pretrain transform {n / (time.perf_counter() - t0):7.0f}")
+
+print("in-memory images (an .npz of 50 000 random 32-px images), the pretraining transform, img/s of wall time:")
+with tempfile.TemporaryDirectory() as tmp:
+    rng = np.random.default_rng(0)
+    for size, n in ((32, 50000), (96, 10000)):
+        path = os.path.join(tmp, f"mem{size}.npz")
+        np.savez(path, images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), labels=np.zeros(n, int))
+        ds = data.build_dataset(path, "train", data.pretrain_transform(size, scale=(0.2, 1.0)), img_size=size)
+        for name, kw in ((f"{args.workers} workers, per image", dict(workers=args.workers)),
+                         (f"DeviceLoader on {args.device}", dict(workers=0, device=args.device))):
+            loader = data.build_loader(ds, 256, train=True, **kw)
+            loader.sampler.set_epoch(0)
+            it = iter(loader)
+            next(it)
+            t0, k = time.perf_counter(), 0
+            while time.perf_counter() - t0 < args.seconds:
+                k += len(next(it)[1])
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            print(f"{size:4d} px  {name:<28} {k / (time.perf_counter() - t0):9.0f}")

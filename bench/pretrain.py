@@ -3,7 +3,7 @@ their own training loop (data loading, masking, forward, loss, backward, clippin
 fp32 vs bf16 autocast.
 
     python bench/pretrain.py                                      # CPU: ViT-T @32 px (patch 4), Swin-T @128 px (window 4)
-    python bench/pretrain.py --methods simmim,localmim,maskalign  # every method at the same backbone, size and batch
+    python bench/pretrain.py --methods mae,simmim,localmim,maskalign  # every method, same backbone, size and batch
     python bench/pretrain.py --device cuda                        # paper sizes: ViT-B/16 @224, Swin-B/w6 @192, batch 128
 
 Each configuration runs in a subprocess for 2N optimizer steps with --log-every N on --data synthetic: the first
@@ -35,15 +35,17 @@ def method_flags(method, img_size):
         return ["--mask-patch-size", str(min(32, img_size // 4))]
     if method == "maskalign":  # a randomly initialised teacher of the student's size, nothing to download
         return ["--teacher", "random"]
+    if method == "mae" and img_size <= 64:  # the small-image decoder of mae.py's cifar preset
+        return ["--decoder-dim", "128", "--decoder-depth", "2", "--decoder-heads", "4"]
     return []
 
 
-def measure(method, flags, batch, device, amp, compiled, steps, workers, env):
+def measure(method, flags, batch, device, amp, compiled, steps, workers, env, data="synthetic"):
     """(img/s, peak MB) over the last `steps` of 2 * steps, or (None, last error line)."""
     with tempfile.TemporaryDirectory() as out:
         img_size = int(flags[flags.index("--img-size") + 1])
         cmd = [sys.executable, os.path.join(ROOT, f"{method}.py"), *flags, *method_flags(method, img_size),
-               "--batch-size", str(batch), "--data", "synthetic", "--device", device, "--amp", amp,
+               "--batch-size", str(batch), "--data", data, "--device", device, "--amp", amp,
                "--compile" if compiled else "--no-compile", "--steps", str(2 * steps), "--log-every", str(steps),
                "--workers", str(workers), "--out", out]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -57,7 +59,7 @@ def measure(method, flags, batch, device, amp, compiled, steps, workers, env):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="simmim", help="comma-separated method scripts, e.g. simmim,localmim")
+    parser.add_argument("--methods", default="mae,simmim", help="comma-separated method scripts, e.g. mae,localmim")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default="vit,swin", help="which of the device's two configurations: vit, swin")
     parser.add_argument("--batch-size", type=int, help="default: 32 on CPU, 128 on CUDA")
@@ -65,6 +67,8 @@ def main():
     parser.add_argument("--amp", default="none,bf16", help="comma-separated --amp values to time")
     parser.add_argument("--compile", default="eager,compiled", help="eager, compiled or both")
     parser.add_argument("--workers", type=int, help="data loader workers (default: 0 on CPU, 8 on CUDA)")
+    parser.add_argument("--data", default="synthetic", help="synthetic (made per image on the fly) or in-memory "
+                        "images (an .npz folder: batched on the device, as the scripts do)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs; on a CPU shared with other jobs, "
                         "fewer threads than cores avoids oversubscription (which can cost 10x)")
     args = parser.parse_args()
@@ -85,7 +89,7 @@ def main():
             for mode in args.compile.split(","):
                 for amp in args.amp.split(","):
                     speed, mem = measure(method, flags, batch, args.device, amp, mode == "compiled", steps, workers,
-                                          env)
+                                         env, args.data)
                     row = f"{method:<10} {label:<18} {img:>4} {batch:>5} {amp:<5} {mode:<8}"
                     print(f"{row} {speed:>8.1f} {mem:>11}" if speed is not None else f"{row} failed: {mem}",
                           flush=True)

@@ -139,8 +139,12 @@ def test_swin_shapes_at_every_scale():
     _, _, preds, targets, masks = model(torch.randn(2, 3, 128, 128))
     for g, p, t, m in zip(model.grids, preds, targets, masks):
         assert p.shape == t.shape == (2, g * g, 54) and m.shape == (2, g * g)
-    latents = model.encode(torch.randn(1, 3, 128, 128), model.random_mask(1, "cpu"))
-    assert [tuple(z.shape) for z in latents] == [(1, 16, 16, 32), (1, 8, 8, 64), (1, 4, 4, 128), (1, 4, 4, 128)]
+    mask = model.random_mask(1, "cpu")  # 4 x 4 units of 32 px, int(0.75 * 16) + 1 = 13 masked: 3 visible
+    latents = model.encode(torch.randn(1, 3, 128, 128), mask)  # the visible tokens of each scale, and where they are
+    assert [tuple(z.shape) for z, _ in latents] == [(1, 48, 32), (1, 12, 64), (1, 3, 128), (1, 3, 128)]
+    for (_, where), g in zip(latents, model.grids):
+        hidden = localmim.mask_to_scale(mask, g)[0]
+        assert torch.equal(torch.where(hidden == 0)[0], where)  # raster positions of the visible cells
     two = swin.SwinTransformer(img_size=64, embed_dim=8, depths=(1, 1), num_heads=(1, 1), window_size=4, num_classes=0)
     with pytest.raises(ValueError, match="a Swin of 2 stages"):
         localmim.LocalMIM(two)
@@ -203,9 +207,8 @@ def test_masked_pixels_never_reach_visible_tokens():
             a, b = model.encode(img, mask), model.encode(noisy, mask)
             c = model.encode(img + 5 * torch.randn_like(img) * (1 - hidden), mask)  # ... or only the visible ones
         for k, (za, zb, zc) in enumerate(zip(a, b, c)):
-            if not model.is_vit:  # ViT latents hold the visible tokens only; Swin's: compare the visible positions
-                vis = localmim.mask_to_scale(mask, za.shape[1]).view(2, za.shape[1], za.shape[2]) == 0
-                za, zb, zc = za[vis], zb[vis], zc[vis]
+            if not model.is_vit:  # Swin latents: (visible tokens, their positions)
+                za, zb, zc = za[0], zb[0], zc[0]
             assert torch.allclose(za, zb, atol=1e-5), k
             assert not torch.allclose(za, zc, atol=1e-3), k
 

@@ -284,3 +284,41 @@ def test_localmim_release_merges_are_reordered_for_pretraining(tmp_path):
     assert torch.equal(sd["layers.1.downsample.reduction.weight"], merge.reduction.weight)  # back in Swin's order
     sd, _ = swin.load_checkpoint(str(tmp_path / "localmim_swin.pth"))  # fine-tuning: as stored, as officially
     assert torch.equal(sd["layers.1.downsample.reduction.weight"], released["layers.1.downsample.reduction.weight"])
+
+
+# ---- LocalMIM's visible-token path: the same outputs as the dense one, on a quarter of the tokens ----
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_visible_tokens_alone_equal_the_dense_visible_only_path(seed):
+    """96 px, window 6: windows of 6 x 6 tokens straddle the 8 x 8-token mask units, and the shifted windows cut
+    them again; every stage of the gathered path equals the dense one at the visible tokens."""
+    torch.manual_seed(seed)
+    m = randomize(swin.SwinTransformer(img_size=96, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+                                       window_size=6, num_classes=0).eval())
+    units = torch.randperm(9) >= 7  # 2 of 3 x 3 units of 32 px visible, one mask for the batch (LocalMIM's)
+    visible = units.view(3, 3).repeat_interleave(8, 0).repeat_interleave(8, 1)  # (24, 24) tokens
+    img = torch.randn(2, 3, 96, 96)
+    dense, vis = m.embed(img), visible.expand(2, -1, -1)
+    coords = visible.nonzero()
+    x = m.embed(img)[:, coords[:, 0], coords[:, 1]]  # (2, 128, 16)
+    for s, stage in enumerate(m.layers):
+        res = 24 >> s
+        if s > 0:
+            dense, vis = stage.downsample(dense), swin.merge_visible(vis)
+            coords, children = swin.merge_children(coords, 2 * res)
+            x = stage.downsample.forward_visible(x, children)
+        for blk in stage.blocks:
+            dense = blk(dense, vis)
+        x = stage.forward_visible(x, coords, res)
+        assert torch.equal(vis[0].nonzero(), coords)  # the same tokens, in raster order
+        torch.testing.assert_close(x, dense[:, coords[:, 0], coords[:, 1]], atol=1e-5, rtol=1e-5)
+
+
+def test_window_groups_by_hand():
+    coords = torch.tensor([[0, 0], [0, 1], [1, 3], [3, 3]])  # a 4 x 4 stage, windows of 2
+    index, pad, rel = swin.window_groups(coords, 4, 2, 0)
+    groups = [sorted(index[g][~pad[g]].tolist()) for g in range(len(index))]
+    assert groups == [[0, 1], [2], [3]] and index.shape == (3, 2)
+    assert rel[0, 0, 1] == (0 + 1) * 3 + (0 - 1 + 1)  # token 0 -> token 1: offset (0, -1) in a 3 x 3 table
+    index, pad, rel = swin.window_groups(coords, 4, 2, 1)  # shifted by 1: (0,0) and (3,3) share a window but not a
+    assert pad.shape == (4, 1) and not pad.any()  # region (they are no neighbours), (0,0) and (0,1) no window
