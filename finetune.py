@@ -154,6 +154,7 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=8, help="data loader processes (capped by the CPUs available)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
     p.add_argument("--save-every", type=int, default=1, help="epochs between checkpoints (and always at the end)")
+    p.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (and always at the end)")
     args = parse(p, argv)
     if args.preset and args.pretrained:  # the checkpoint decides the architecture, not the preset
         args.model = args.model if args.model != PRESETS[args.preset].get("model") else None
@@ -399,15 +400,15 @@ def parse(p, argv):
     return args
 
 
-AT_LEAST_ONE = {"batch_size", "accum_iter", "epochs", "log_every", "save_every", "img_size", "model_patch_size",
-                "depth", "window_size", "num_images", "mask_patch_size", "decoder_dim", "decoder_depth",
-                "decoder_heads", "nbins", "top_k"}
+AT_LEAST_ONE = {"batch_size", "accum_iter", "epochs", "log_every", "save_every", "eval_every", "img_size",
+                "model_patch_size", "depth", "window_size", "num_images", "mask_patch_size", "decoder_dim",
+                "decoder_depth", "decoder_heads", "nbins", "top_k"}
 NON_NEGATIVE = {"blr", "lr", "min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "clip_grad", "steps", "workers",
                 "vis_every", "seed"}
 # what --resume may change: where and how fast the run goes, never what it computes (maskalign.py checks its
 # teacher by the sha256 of the weights, not by the path)
-FREE_FLAGS = {"resume", "out", "steps", "workers", "log_every", "save_every", "vis_every", "device", "compile",
-              "data_dir", "unsafe_load", "teacher"}
+FREE_FLAGS = {"resume", "out", "steps", "workers", "log_every", "save_every", "eval_every", "vis_every", "device",
+              "compile", "data_dir", "unsafe_load", "teacher"}
 
 
 def setup_distributed(args):
@@ -768,7 +769,7 @@ def main(args):
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": log_loss.item() / logged / world,
                        "lr": max(g["lr"] for g in opt.param_groups), "img_per_s": round(seen / (time.time() - t0), 1),
                        "peak_mem_mb": round(peak_memory_mb(device))}
-                if end_of_epoch or step >= last:  # evaluate every epoch and at the end
+                if step >= last or (end_of_epoch and (step // steps_per_epoch) % args.eval_every == 0):
                     rec["top1"], rec["top5"] = evaluate(raw, val_loader, device, amp, world)
                     best = rec["best_top1"] = max(best, rec["top1"])
                 if master:

@@ -530,15 +530,15 @@ def parse(p, argv):
     return args
 
 
-AT_LEAST_ONE = {"batch_size", "accum_iter", "epochs", "log_every", "save_every", "img_size", "model_patch_size",
-                "depth", "window_size", "num_images", "mask_patch_size", "decoder_dim", "decoder_depth",
-                "decoder_heads", "nbins", "top_k"}
+AT_LEAST_ONE = {"batch_size", "accum_iter", "epochs", "log_every", "save_every", "eval_every", "img_size",
+                "model_patch_size", "depth", "window_size", "num_images", "mask_patch_size", "decoder_dim",
+                "decoder_depth", "decoder_heads", "nbins", "top_k"}
 NON_NEGATIVE = {"blr", "lr", "min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "clip_grad", "steps", "workers",
                 "vis_every", "seed"}
 # what --resume may change: where and how fast the run goes, never what it computes (maskalign.py checks its
 # teacher by the sha256 of the weights, not by the path)
-FREE_FLAGS = {"resume", "out", "steps", "workers", "log_every", "save_every", "vis_every", "device", "compile",
-              "data_dir", "unsafe_load", "teacher"}
+FREE_FLAGS = {"resume", "out", "steps", "workers", "log_every", "save_every", "eval_every", "vis_every", "device",
+              "compile", "data_dir", "unsafe_load", "teacher"}
 
 
 def setup_distributed(args):

@@ -27,21 +27,28 @@ def test_probes_by_hand():
     assert efficacy.ridge(train, y, test, yt, 1e-3) == 100.0
 
 
+def test_maskalign_distils_the_mae_encoder_of_the_same_run(tmp_path):
+    args = efficacy.get_args(["--out", str(tmp_path), "--methods", "mae,maskalign"])
+    argv = efficacy.pretrain_argv(args, efficacy.BUDGETS["cpu"], "maskalign", str(tmp_path))
+    assert argv[argv.index("--teacher") + 1] == os.path.join(str(tmp_path), "pretrain_mae", "encoder.pth")
+    assert argv[argv.index("--data") + 1].endswith(os.path.join("data", "pretrain"))  # the images, no labels used
+    with pytest.raises(SystemExit):
+        efficacy.get_args(["--methods", "maskalign"])  # its teacher would be missing
+
+
 def test_the_whole_benchmark_on_synthetic_images(tmp_path, monkeypatch):
     out = str(tmp_path / "eff")
-    argv = ["--data", "synthetic", "--budget", "smoke", "--methods", "mae,maskalign", "--out", out]
+    argv = ["--data", "synthetic", "--budget", "smoke", "--methods", "mae", "--out", out]
     monkeypatch.setitem(efficacy.BUDGETS["smoke"], "sweep", dict(lr=(1e-3,), layer_decay=(0.75,)))  # one setting
     efficacy.main(argv)
     result = json.load(open(os.path.join(out, "results.json")))
     rows = result["rows"]
-    assert set(rows) == {"pixels", "init", "scratch", "mae", "maskalign"}
+    assert set(rows) == {"pixels", "init", "scratch", "mae"}
     assert len(rows["scratch"]["few"]) == 2 and 0 <= rows["mae"]["full"] <= 100 and rows["mae"]["probe"]["knn"] >= 0
     table = open(os.path.join(out, "results.md")).read()
     assert "| MAE |" in table and "| from scratch |" in table and os.path.exists(os.path.join(out, "results.png"))
     index = np.load(os.path.join(out, "data", "index.npz"))
     assert not set(index["val"]) & set(index["part"]) and set(index["sweep_few"]) <= set(index["part"])
-    args = open(os.path.join(out, "pretrain_maskalign", "run.log")).read()
-    assert os.path.join(out, "pretrain_mae", "encoder.pth") in args  # the teacher is this run's MAE encoder
     stamp = os.path.getmtime(os.path.join(out, "final_few_mae_seed1", "done.json"))
     efficacy.main(argv)  # everything is finished: nothing runs again
     assert os.path.getmtime(os.path.join(out, "final_few_mae_seed1", "done.json")) == stamp

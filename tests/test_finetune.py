@@ -369,6 +369,14 @@ def test_resume_continues_exactly(tmp_path, npz):
     assert [r["top1"] for r in log(a) if r["step"] % 3 == 0] == [r["top1"] for r in log(b) if r["step"] % 3 == 0]
 
 
+def test_eval_every_evaluates_at_those_epochs_and_at_the_end(tmp_path, npz):
+    out = str(tmp_path / "ft")  # 3 steps per epoch, 3 epochs: evaluations after epoch 2 and at the end only
+    run("--model", "vit_tiny_patch16_224", "--img-size", "16", "--model-patch-size", "4", "--depth", "1", "--data", npz,
+        "--batch-size", "16",
+        "--epochs", "3", "--eval-every", "2", "--log-every", "1", "--out", out)
+    assert [r["step"] for r in log(out) if "top1" in r] == [6, 9]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--eval"], "--eval needs --pretrained"),
     (["--eval", "--pretrained", "init:x.pth"], "--eval needs --pretrained CLASSIFIER"),
