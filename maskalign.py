@@ -541,6 +541,15 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def time_left(bar):
+    """Printed once, at the first log step: the pace so far and the expected time of the rest of the run (the first
+    steps include the warm-up, so this errs long)."""
+    d = bar.format_dict
+    done, left = d["n"] - d["initial"], d["total"] - d["n"]
+    return (f"{done} steps in {d['elapsed']:.0f} s: about {left * d['elapsed'] / max(done, 1) / 60:.1f} min for "
+            f"the {left} steps left")
+
+
 def param_groups(model, weight_decay, skip=()):
     """AdamW groups: no weight decay on 1-D tensors (norms, biases, gains) and on names containing a `skip` entry."""
     decay, no_decay = [], []
@@ -694,6 +703,8 @@ def main(args):
                 first = teacher_depth - args.top_k + 1  # per aligned teacher block, 1-based as in the paper
                 rec.update({f"loss_t{first + k}": v / logged / world for k, v in enumerate(log_levels.tolist())})
                 if master:
+                    if logged == step - step0 and step < last:
+                        bar.write(time_left(bar))
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.0f}")
                     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                         f.write(json.dumps(rec) + "\n")

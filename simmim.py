@@ -546,6 +546,15 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def time_left(bar):
+    """Printed once, at the first log step: the pace so far and the expected time of the rest of the run (the first
+    steps include the warm-up, so this errs long)."""
+    d = bar.format_dict
+    done, left = d["n"] - d["initial"], d["total"] - d["n"]
+    return (f"{done} steps in {d['elapsed']:.0f} s: about {left * d['elapsed'] / max(done, 1) / 60:.1f} min for "
+            f"the {left} steps left")
+
+
 def param_groups(model, weight_decay, skip=()):
     """AdamW groups: no weight decay on 1-D tensors (norms, biases, gains) and on names containing a `skip` entry."""
     decay, no_decay = [], []
@@ -700,6 +709,8 @@ def main(args):
                        "lr": opt.param_groups[0]["lr"], "grad_norm": log_norm.item() / logged,
                        "img_per_s": round(seen / (time.time() - t0), 1), "peak_mem_mb": round(peak_memory_mb(device))}
                 if master:
+                    if logged == step - step0 and step < last:
+                        bar.write(time_left(bar))
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.0f}")
                     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                         f.write(json.dumps(rec) + "\n")

@@ -26,7 +26,7 @@ SHARED = {  # helper -> the method files that carry a copy
     **{name: METHODS for name in ("HelpFormatter", "parse", "setup_distributed", "build_encoder", "prepare_out",
                                   "resume_from", "trim_log", "save_files", "last_good", "catch_signals",
                                   "stop_requested", "finish", "blocks_of", "check_memory", "peak_memory_mb",
-                                  "param_groups")},
+                                  "time_left", "param_groups")},
     "mae_lr": (mae, localmim, maskalign, finetune),
     "simmim_lr": (simmim, finetune),
 }
@@ -47,6 +47,12 @@ def test_copies_are_identical(name):
 @pytest.mark.parametrize("name", CONSTANTS)
 def test_shared_tables_are_identical(name):
     assert all(getattr(m, name) == getattr(mae, name) for m in METHODS)
+
+
+def test_time_left_from_the_pace_so_far():
+    class Bar:  # tqdm's numbers for a run of 130 steps resumed at step 10, 20 steps and 30 s later
+        format_dict = dict(n=30, initial=10, total=130, elapsed=30.0)
+    assert mae.time_left(Bar()) == "20 steps in 30 s: about 2.5 min for the 100 steps left"
 
 
 def test_mae_lr_warmup_then_half_cosine():
