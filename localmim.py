@@ -64,9 +64,9 @@ RECIPES = {"vit": (1600, 2e-4, 1e-6, 9, False), "vit_large": (800, 1.5e-4, 1e-6,
            "swin": (400, 1e-4, 0.0, 18, True), "swin_large": (800, 1e-4, 0.0, 18, True)}
 PRESETS = {
     # the CPU demo: ViT-Tiny/8 (4 blocks, one local layer each) on synthetic 64-px images, about 2 min on a core
-    "tiny": dict(model="vit_tiny_patch16_224", img_size=64, model_patch_size=8, depth=4, num_images=1536,
-                 batch_size=32, epochs=6, warmup_epochs=1, blr=1.5e-3, device="cpu", compile=False, workers=1,
-                 log_every=16, vis_every=3),
+    "tiny": dict(model="vit_tiny_patch16_224", img_size=64, model_patch_size=8, depth=4, num_images=512,
+                 batch_size=32, epochs=4, warmup_epochs=1, blr=1.5e-3, device="cpu", compile=False, workers=1,
+                 log_every=8, vis_every=2),
     # small images (CIFAR, 32 px): ViT-Tiny/4 (6 blocks: local layers 1, 3, 4, 6), HOG cells of 1/2/4/8 px, decoders
     # 128 wide (the 256 of ViT-B cost more than the encoder here), batch 256 at LR 1.5e-3 (bench/efficacy.py)
     "cifar": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, decoder_dim=128,

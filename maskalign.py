@@ -64,8 +64,8 @@ PRESETS = {
     # the CPU demo: ViT-Tiny/4 student (6 blocks, 32 px, synthetic images) and a random teacher of its shape: it
     # exercises the whole method in about 2 minutes; a real teacher comes from --teacher (see "Getting a teacher")
     "tiny": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, teacher="random",
-                 num_images=2048, batch_size=32, epochs=4, warmup_epochs=1, blr=1.5e-3, device="cpu",
-                 compile=False, workers=1, log_every=16),
+                 num_images=1024, batch_size=32, epochs=4, warmup_epochs=1, blr=1.5e-3, device="cpu",
+                 compile=False, workers=1, log_every=8),
     # small images (CIFAR, 32 px): a ViT-Tiny/4 student (6 blocks) aligned with the last 3 blocks of a teacher of its
     # size (bench/efficacy.py: the MAE encoder of the same run), batch 256 at LR 1.5e-3; pass --teacher
     "cifar": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, top_k=3, batch_size=256,

@@ -369,6 +369,14 @@ def test_resume_continues_exactly(tmp_path, npz):
     assert [r["top1"] for r in log(a) if r["step"] % 3 == 0] == [r["top1"] for r in log(b) if r["step"] % 3 == 0]
 
 
+def test_cifar_preset_is_the_efficacy_recipe_and_the_checkpoint_keeps_its_architecture():
+    a = finetune.get_args(["--preset", "cifar", "--pretrained", "runs/mae/encoder.pth"])
+    assert (a.recipe, a.lr, a.layer_decay, a.randaug, a.batch_size, a.epochs) == ("mae", 2e-3, 0.75, 0, 64, 100)
+    assert a.model is None and a.depth is None  # the encoder file decides those
+    a = finetune.get_args(["--preset", "cifar", "--lr", "1e-3"])
+    assert (a.lr, a.model, a.depth, a.img_size) == (1e-3, "vit_tiny_patch16_224", 6, 32)  # from scratch: the preset's
+
+
 def test_eval_every_evaluates_at_those_epochs_and_at_the_end(tmp_path, npz):
     out = str(tmp_path / "ft")  # 3 steps per epoch, 3 epochs: evaluations after epoch 2 and at the end only
     run("--model", "vit_tiny_patch16_224", "--img-size", "16", "--model-patch-size", "4", "--depth", "1", "--data", npz,

@@ -1,4 +1,4 @@
-"""The README's one-line demos, copied from it verbatim, run (two steps each, into a temporary folder)."""
+"""The README's one-line demos, copied from it verbatim, run (two steps each on 64 images, into a temporary folder)."""
 import os
 import re
 import subprocess
@@ -17,7 +17,7 @@ def test_the_readme_has_a_demo_for_every_training_script():
 
 @pytest.mark.parametrize("command", DEMOS)
 def test_readme_demo_runs(command, tmp_path):
-    argv = command.split()[1:] + ["--steps", "2", "--workers", "0", "--out", str(tmp_path / "run")]
+    argv = command.split()[1:] + ["--steps", "2", "--num-images", "64", "--workers", "0", "--out", str(tmp_path / "run")]
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
