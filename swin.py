@@ -100,7 +100,7 @@ def window_groups(coords, res, w, s):
     index (nG, G) into the tokens (padding points at token 0), pad (nG, G) bool, and the relative-position index
     (nG, G, G) into the window's table: the offsets of the true coordinates, which inside one shift region are the
     offsets in the shifted frame."""
-    r, c = ((coords - s) % res).unbind(1)  # coordinates after the cyclic shift by -s
+    r, c = ((coords - s) % res).T.contiguous()  # coordinates after the cyclic shift by -s, as contiguous rows
     bounds = torch.tensor([res - w, res - s] if s else [res], device=coords.device)
     region = torch.bucketize(r, bounds, right=True) * 3 + torch.bucketize(c, bounds, right=True)
     group = ((r // w) * (res // w) + c // w) * 9 + region  # one id per (window, region)

@@ -52,7 +52,7 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = localmim.LocalMIM(swin.create_model(args.model, num_classes=0, norm_eps=1e-6), nbins=18, hog_bias=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as localmim.py
     img = torch.randn(args.batch_size, 3, 224, 224)
     mask = model.random_mask(args.batch_size, "cpu")
     paths = {"dense": lambda *a: dense_encode(model, *a), "visible tokens": model.encode}
