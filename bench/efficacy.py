@@ -4,8 +4,9 @@ from-scratch model of the same architecture are fine-tuned with one recipe whose
 the same small sweep on a validation split carved out of the training images; the test split is touched once, by
 the final runs, whose final-epoch top-1 is reported (no best-epoch picking).
 
-    python bench/efficacy.py --data ../shared/data/cifar10 --budget cpu --out runs/efficacy   # 2 cores, ~2 h
-    python bench/efficacy.py --data ../shared/data/cifar10 --budget cpu_small --methods mae   # fp32 CPU, ~1.5 h
+    python bench/efficacy.py --data ../shared/data/cifar10 --budget cpu --out runs/efficacy   # 2 cores, bf16, ~2 h
+    python bench/efficacy.py --data ../shared/data/cifar10 --budget cpu_small --methods mae \\
+        --out runs/efficacy_small                                                         # 2 cores, fp32, ~1.5 h
     python bench/efficacy.py --data cifar10 --budget gpu --out runs/efficacy_gpu               # one GPU, ~8 min
     python bench/efficacy.py --data synthetic --budget smoke --out /tmp/eff                    # the pipeline, ~1 min
 
@@ -19,7 +20,8 @@ interrupted one continues with --resume; --jobs of them run side by side):
              on the validation split), for every encoder, the same architecture at random init, and raw pixels
   sweep      finetune.py at 10 % of the labels of the training part, every (LR, layer decay) of the grid, for
              scratch and for every encoder alike; the final-epoch validation top-1 picks each model's setting
-  final      finetune.py with that setting at 100 % and 10 % of the labels (10 %: several seeds), test top-1
+  final      finetune.py with that setting at 100 % and 10 % of the labels (10 %: several seeds; cpu_small: 10 %
+             only), test top-1
 Writes results.md (the table), results.json and results.png, and prints the wall time of every stage.
 """
 import argparse
@@ -47,10 +49,10 @@ BUDGETS = {
     "cpu": dict(img_size=32, device="cpu", jobs=2, pretrain=dict(mae=15, simmim=6, localmim=7, maskalign=10),
                 finetune_epochs=dict(full=2, few=12), sweep=dict(lr=(1e-3, 2e-3), layer_decay=(0.75,)),
                 seeds=2, batch=64),
-    # 2 CPU cores without AVX-512 BF16 (fp32, about 5x slower): the same protocol at a third of the pretraining
-    # and fine-tuning; with --methods mae about 1.5 h
+    # 2 CPU cores without AVX-512 BF16 (fp32, about 5x slower): the same protocol at a quarter of the pretraining,
+    # scarce labels only (full=0: no 100 % row; one epoch of it would say little); with --methods mae about 1.5 h
     "cpu_small": dict(img_size=32, device="cpu", jobs=2, pretrain=dict(mae=4, simmim=2, localmim=2, maskalign=3),
-                      finetune_epochs=dict(full=1, few=8), sweep=dict(lr=(1e-3, 2e-3), layer_decay=(0.75,)),
+                      finetune_epochs=dict(full=0, few=8), sweep=dict(lr=(1e-3, 2e-3), layer_decay=(0.75,)),
                       seeds=2, batch=64),
     # one GPU, about 8 minutes: two stages share it; no torch.compile (its minute would not pay back in runs this
     # short); the data on the device (DeviceLoader), so a stage costs its steps and a few seconds of start-up
@@ -222,6 +224,13 @@ def finetune_argv(args, budget, folder, model, split, lr, layer_decay, seed):
             "--seed", str(seed), "--log-every", "1000", "--eval-every", str(epochs)]  # only the final epoch counts
 
 
+def final_runs(budget):
+    """(split, seed) of the final runs: 100 % of the labels once (unless the budget gives it 0 epochs), the scarce
+    labels with every seed."""
+    full = [("final_full", 0)] if budget["finetune_epochs"]["full"] else []
+    return full + [("final_few", s) for s in range(budget["seeds"])]
+
+
 def final_top1(folder):
     """The last evaluation of a finetune.py run (final epoch: no best-epoch picking)."""
     with open(os.path.join(folder, "log.jsonl")) as f:
@@ -286,7 +295,7 @@ def report(args, budget, out, sizes, probes, choice, finals):
         r = dict(probe=probes.get(name))
         if name in models:
             few = [finals[(name, "final_few", s)] for s in range(budget["seeds"])]
-            r.update(lr=choice[name][0], layer_decay=choice[name][1], few=few, full=finals[(name, "final_full", 0)],
+            r.update(lr=choice[name][0], layer_decay=choice[name][1], few=few, full=finals.get((name, "final_full", 0)),
                      few_mean=float(np.mean(few)), few_std=float(np.std(few, ddof=1)) if len(few) > 1 else 0.0)
         if name in args.methods:
             minutes = round(wall(out, f"pretrain_{name}") / 60, 1)
@@ -334,6 +343,7 @@ def plot(rows, label, path, few):
     series = [(f"fine-tune {few:.0%}", [rows[n]["few_mean"] for n in names], [rows[n]["few_std"] for n in names]),
               ("fine-tune 100 %", [rows[n]["full"] for n in names], None),
               ("kNN", [(rows[n]["probe"] or {}).get("knn", 0) for n in names], None)]
+    series = [x for x in series if None not in x[1]]  # a budget without 100 % runs
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
     for k, (what, values, err) in enumerate(series):
         ax.bar(np.arange(len(names)) + (k - 1) * 0.27, values, 0.27, yerr=err, label=what, capsize=3)
@@ -397,15 +407,14 @@ def main(argv=None):
         return choice[m]
     for m in models:
         sweeps = [f"sweep_{m}_lr{lr}_ld{ld}" for lr, ld in grid]
-        runs = [("final_full", 0)] + [("final_few", s) for s in range(budget["seeds"])]
         stages += [(f"{split}_{m}_seed{s}", sweeps,
                     lambda m=m, split=split, s=s: finetune_argv(args, budget, out, m, split, *chosen(m), s))
-                   for split, s in runs]
+                   for split, s in final_runs(budget)]
     run_stages(stages, jobs, args.resume, out, threads)
 
     probes = {name: json.load(open(os.path.join(out, f"probe_{name}", "probe.json"))) for name, _, _ in encoders}
     finals = {(m, split, s): final_top1(os.path.join(out, f"{split}_{m}_seed{s}"))
-              for m in models for split, s in [("final_full", 0)] + [("final_few", s) for s in range(budget["seeds"])]}
+              for m in models for split, s in final_runs(budget)}
     report(args, budget, out, sizes, probes, {m: chosen(m) for m in models}, finals)
     print(f"wall time {(time.time() - t_start) / 60:.1f} min (this invocation)")
 

@@ -27,6 +27,11 @@ def test_probes_by_hand():
     assert efficacy.ridge(train, y, test, yt, 1e-3) == 100.0
 
 
+def test_final_runs_of_each_budget():
+    assert efficacy.final_runs(efficacy.BUDGETS["cpu"]) == [("final_full", 0), ("final_few", 0), ("final_few", 1)]
+    assert efficacy.final_runs(efficacy.BUDGETS["cpu_small"]) == [("final_few", 0), ("final_few", 1)]  # no 100 %
+
+
 def test_maskalign_distils_the_mae_encoder_of_the_same_run(tmp_path):
     args = efficacy.get_args(["--out", str(tmp_path), "--methods", "mae,maskalign"])
     argv = efficacy.pretrain_argv(args, efficacy.BUDGETS["cpu"], "maskalign", str(tmp_path))
