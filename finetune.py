@@ -788,7 +788,7 @@ def main(args):
                     rec["top1"], rec["top5"] = evaluate(raw, val_loader, device, amp, world)
                     best = rec["best_top1"] = max(best, rec["top1"])
                 if master:
-                    if logged == step - step0 and step < last:
+                    if logged == step - step0 and step < last:  # the first log step since the start (or resume)
                         bar.write(time_left(bar))
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", top1=rec.get("top1", "-"))
                     with open(log_path, "a") as f:

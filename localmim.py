@@ -877,7 +877,7 @@ def main(args):
                        "peak_mem_mb": round(peak_memory_mb(device)),
                        "loss_scales": [round(v / logged / world, 5) for v in log_terms.tolist()]}
                 if master:
-                    if logged == step - step0 and step < last:
+                    if logged == step - step0 and step < last:  # the first log step since the start (or resume)
                         bar.write(time_left(bar))
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.0f}")
                     with open(os.path.join(args.out, "log.jsonl"), "a") as f:

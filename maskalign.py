@@ -703,7 +703,7 @@ def main(args):
                 first = teacher_depth - args.top_k + 1  # per aligned teacher block, 1-based as in the paper
                 rec.update({f"loss_t{first + k}": v / logged / world for k, v in enumerate(log_levels.tolist())})
                 if master:
-                    if logged == step - step0 and step < last:
+                    if logged == step - step0 and step < last:  # the first log step since the start (or resume)
                         bar.write(time_left(bar))
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.0f}")
                     with open(os.path.join(args.out, "log.jsonl"), "a") as f:

@@ -709,7 +709,7 @@ def main(args):
                        "lr": opt.param_groups[0]["lr"], "grad_norm": log_norm.item() / logged,
                        "img_per_s": round(seen / (time.time() - t0), 1), "peak_mem_mb": round(peak_memory_mb(device))}
                 if master:
-                    if logged == step - step0 and step < last:
+                    if logged == step - step0 and step < last:  # the first log step since the start (or resume)
                         bar.write(time_left(bar))
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.0f}")
                     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
