@@ -63,7 +63,7 @@ import swin
 RECIPES = {"vit": (1600, 2e-4, 1e-6, 9, False), "vit_large": (800, 1.5e-4, 1e-6, 18, True),
            "swin": (400, 1e-4, 0.0, 18, True), "swin_large": (800, 1e-4, 0.0, 18, True)}
 PRESETS = {
-    # the CPU demo: ViT-Tiny/8 (4 blocks, one local layer each) on synthetic 64-px images, about 2 min on a core
+    # the CPU demo: ViT-Tiny/8 (4 blocks, one local layer each) on synthetic 64-px images, 2-3 min on a core
     "tiny": dict(model="vit_tiny_patch16_224", img_size=64, model_patch_size=8, depth=4, num_images=512,
                  batch_size=32, epochs=4, warmup_epochs=1, blr=1.5e-3, device="cpu", compile=False, workers=1,
                  log_every=8, vis_every=2),

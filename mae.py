@@ -55,7 +55,7 @@ PRESETS = {
     "vit_base_1600": dict(model="vit_base_patch16_224", epochs=1600),
     "vit_large_1600": dict(model="vit_large_patch16_224", epochs=1600),
     "vit_huge_1600": dict(model="vit_huge_patch14_224", epochs=1600),
-    # the CPU demo: ViT-Tiny/4 (6 blocks) on 1024 synthetic 32-px images, 6 epochs x 16 steps, about 2 min on a core
+    # the CPU demo: ViT-Tiny/4 (6 blocks) on 1024 synthetic 32-px images, 6 epochs x 16 steps, 2-3 min on a core
     "tiny": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, decoder_dim=128,
                  decoder_depth=2, decoder_heads=4, num_images=1024, batch_size=64, epochs=6, warmup_epochs=1,
                  blr=1.5e-3, device="cpu", compile=False, workers=1, log_every=8, vis_every=3),

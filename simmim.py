@@ -62,7 +62,7 @@ PRESETS = {  # all of them: warmup 10 epochs, mask 32 px / 0.6, AdamW wd 0.05, c
     # configs/swin_large__800ep/simmim_pretrain__swin_large__img192_window12__800ep.yaml
     "swin_large_800": dict(model="swin_large_patch4_window12_192", img_size=192, epochs=800, blr=1e-4,
                            warmup_lr=5e-7, min_lr=5e-6, schedule="multistep", milestones=[700], drop_path=0.0),
-    # the CPU demo: ViT-Tiny/4 (6 blocks) on 512 synthetic 32-px images, 4-px mask blocks, about 2 min on a core
+    # the CPU demo: ViT-Tiny/4 (6 blocks) on 512 synthetic 32-px images, 4-px mask blocks, 2-3 min on a core
     "tiny": dict(model="vit_tiny_patch16_224", img_size=32, model_patch_size=4, depth=6, mask_patch_size=4,
                  num_images=512, batch_size=32, epochs=6, warmup_epochs=1, blr=1.6e-2, device="cpu",
                  compile=False, workers=1, log_every=8, vis_every=3),
