@@ -4,7 +4,7 @@ from-scratch model of the same architecture are fine-tuned with one recipe whose
 the same small sweep on a validation split carved out of the training images; the test split is touched once, by
 the final runs, whose final-epoch top-1 is reported (no best-epoch picking).
 
-    python bench/efficacy.py --data ../shared/data/cifar10 --budget cpu --out runs/efficacy   # 2 cores, bf16, ~2 h
+    python bench/efficacy.py --data ../shared/data/cifar10 --budget cpu --out runs/efficacy   # 2 cores, bf16, 75 min
     python bench/efficacy.py --data ../shared/data/cifar10 --budget cpu_small --methods mae \\
         --out runs/efficacy_small                                                         # 2 cores, fp32, ~1.5 h
     python bench/efficacy.py --data cifar10 --budget gpu --out runs/efficacy_gpu               # one GPU, ~8 min
@@ -43,9 +43,10 @@ ROOT = sys.path[0]
 METHODS = ("mae", "simmim", "localmim", "maskalign")
 MODEL = ["--model", "vit_tiny_patch16_224", "--model-patch-size", "4", "--depth", "6"]  # ViT-Tiny/4, 6 blocks
 BUDGETS = {
-    # 2 CPU cores, under 2 hours: each method gets about the same pretraining time on one core (epochs from the
-    # img/s measured with bench/pretrain.py), fine-tuning is short; layer decay 1.0 lost to 0.75 for every model,
-    # scratch included, in a 2 x 2 sweep of an earlier run (validation split), so the grid keeps 0.75 alone
+    # 2 CPU cores with AVX-512 BF16, under 2 hours (75 min measured on the README's machine C): each method gets
+    # about the same pretraining time on one core (epochs from the img/s of bench/pretrain.py), fine-tuning is
+    # short; layer decay 1.0 lost to 0.75 for every model, scratch included, in a 2 x 2 sweep of an earlier run
+    # (validation split), so the grid keeps 0.75 alone
     "cpu": dict(img_size=32, device="cpu", jobs=2, pretrain=dict(mae=15, simmim=6, localmim=7, maskalign=10),
                 finetune_epochs=dict(full=2, few=12), sweep=dict(lr=(1e-3, 2e-3), layer_decay=(0.75,)),
                 seeds=2, batch=64),
@@ -304,7 +305,7 @@ def report(args, budget, out, sizes, probes, choice, finals):
     label = {"pixels": "raw pixels (2x2 pooled)", "init": "random init (same ViT)", "scratch": "from scratch",
              "mae": "MAE", "simmim": "SimMIM", "localmim": "LocalMIM", "maskalign": "MaskAlign (MAE teacher)"}
     fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
-    table.append(f"| model | pretraining | kNN | linear (ridge) | fine-tune {args.few:.0%} labels (mean ± std, "
+    table.append(f"| model | pretraining | kNN | linear (ridge) | fine-tune {args.few * 100:g} % labels (mean ± std, "
                  f"{budget['seeds']} seeds) | fine-tune 100 % labels | LR / layer decay (sweep) |")
     table.append("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
@@ -324,7 +325,7 @@ def report(args, budget, out, sizes, probes, choice, finals):
         f"# Efficacy: pretraining vs from scratch (`--budget {args.budget}`, `--data {args.data}`)", "",
         f"{hw}; torch {torch.__version__}. ViT-Tiny/4, 6 blocks, {sizes['img_size']} px. Training images "
         f"{sizes['final_full']} (validation {sizes['val']} carved out of them for the sweep), test {sizes['test']}; "
-        f"{args.few:.0%} labels = {sizes['final_few']} images. Test top-1 of the final epoch.", "", *table, "",
+        f"{args.few * 100:g} % labels = {sizes['final_few']} images. Test top-1 of the final epoch.", "", *table, "",
         f"Stage time, summed over the {budget['jobs']} stages run side by side: {total / 60:.0f} min (" +
         ", ".join(f"{k} {v / 60:.1f}" for k, v in groups.items()) + " min)."])
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -340,7 +341,7 @@ def plot(rows, label, path, few):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [n for n in rows if "few" in rows[n]]
-    series = [(f"fine-tune {few:.0%}", [rows[n]["few_mean"] for n in names], [rows[n]["few_std"] for n in names]),
+    series = [(f"fine-tune {few * 100:g} %", [rows[n]["few_mean"] for n in names], [rows[n]["few_std"] for n in names]),
               ("fine-tune 100 %", [rows[n]["full"] for n in names], None),
               ("kNN", [(rows[n]["probe"] or {}).get("knn", 0) for n in names], None)]
     series = [x for x in series if None not in x[1]]  # a budget without 100 % runs
