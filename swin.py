@@ -97,9 +97,9 @@ def merge_visible(visible):
 
 def window_groups(coords, res, w, s):
     """The groups of one block (window w, shift s) of the tokens at coords (N, 2) of a res x res stage. Returns
-    index (nG, G) into the tokens (padding points at token 0), pad (nG, G) bool, and the relative-position index
+    index (nG, G) into the tokens (padding points at token 0), pad (nG, G) bool, the relative-position index
     (nG, G, G) into the window's table: the offsets of the true coordinates, which inside one shift region are the
-    offsets in the shifted frame."""
+    offsets in the shifted frame, and back (N,): each token's place among the nG * G group slots."""
     r, c = ((coords - s) % res).T.contiguous()  # coordinates after the cyclic shift by -s, as contiguous rows
     bounds = torch.tensor([res - w, res - s] if s else [res], device=coords.device)
     region = torch.bucketize(r, bounds, right=True) * 3 + torch.bucketize(c, bounds, right=True)
@@ -112,9 +112,11 @@ def window_groups(coords, res, w, s):
     index = torch.zeros(nG, G, dtype=torch.long, device=coords.device)
     pad = torch.ones(nG, G, dtype=torch.bool, device=coords.device)
     index[row, slot], pad[row, slot] = order, False
+    back = torch.empty_like(order)
+    back[order] = row * G + slot
     yx = coords[index]  # (nG, G, 2)
     d = yx[:, :, None] - yx[:, None, :] + w - 1  # (nG, G, G, 2)
-    return index, pad, (d[..., 0] * (2 * w - 1) + d[..., 1]).clamp(0, (2 * w - 1) ** 2 - 1)
+    return index, pad, (d[..., 0] * (2 * w - 1) + d[..., 1]).clamp(0, (2 * w - 1) ** 2 - 1), back
 
 
 def merge_children(coords, res):
@@ -141,13 +143,18 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None, return_attn=False, rel_index=None):
+    def forward(self, x, mask=None, return_attn=False):
         """x (B, nW, N, C); mask None or additive (1 or B, nW, N, N). The heads of all windows share a batch row,
-        so a mask that is the same for every image broadcasts over B instead of being copied B times (as timm's).
+        so a mask that is the same for every image broadcasts over B instead of being copied B times (as timm's)."""
+        y, logits = self.attend(self.qkv(x), mask, return_attn)
+        return self.proj(y), logits
+
+    def attend(self, qkv, mask=None, return_attn=False, rel_index=None):
+        """The attention between the projections qkv (B, nW, N, 3C) of each window -> (B, nW, N, C), before proj.
         rel_index (nW, N, N): each window's own relative positions (groups of visible tokens)."""
-        B, nW, N, C = x.shape
-        h = self.num_heads
-        qkv = self.qkv(x).view(B, nW, N, 3, h, C // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, hd)
+        B, nW, N, C3 = qkv.shape
+        C, h = C3 // 3, self.num_heads
+        qkv = qkv.view(B, nW, N, 3, h, C // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, hd)
         q, k, v = qkv.reshape(3, B, nW * h, N, C // h).unbind(0)  # (B, nW*h, N, hd)
         if rel_index is None:
             bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (h, N, N)
@@ -164,7 +171,7 @@ class WindowAttention(nn.Module):
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nW*h, N, hd)
         x = x.view(B, nW, h, N, C // h).transpose(2, 3).reshape(B, nW, N, C)
-        return self.proj(x), logits.view(B, nW, h, N, N) if return_attn else None
+        return x, logits.view(B, nW, h, N, N) if return_attn else None
 
 
 class SwinBlock(nn.Module):
@@ -204,11 +211,14 @@ class SwinBlock(nn.Module):
 
     def forward_visible(self, x, groups):
         """x (B, N, C): visible tokens only; groups: window_groups() for this block's window and shift."""
-        index, pad, rel = groups
+        index, pad, rel, back = groups
         hide = torch.where(pad, float("-inf"), 0.0)[None, :, None, :]  # (1, nG, 1, G): padding is no key
-        y, _ = self.attn(self.norm1(x)[:, index], hide, rel_index=rel)  # (B, nG, G, C)
-        y = torch.zeros_like(x).index_copy(1, index[~pad], y[:, ~pad])  # back to the tokens' order
-        x = x + self.drop_path(y)
+        # qkv and proj on the tokens, only the attention on the padded groups (2-2.5x the tokens at 75 % masking);
+        # index_select, not x[:, index]: its backward is an index_add, 3-4x faster on a CPU than index_put
+        qkv = self.attn.qkv(self.norm1(x))  # (B, N, 3C)
+        y, _ = self.attn.attend(qkv.index_select(1, index.flatten()).unflatten(1, index.shape), hide, rel_index=rel)
+        y = y.flatten(1, 2).index_select(1, back)  # (B, nG, G, C) -> (B, N, C), the tokens' order
+        x = x + self.drop_path(self.attn.proj(y))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

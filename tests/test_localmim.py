@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import localmim
 import swin
@@ -89,6 +90,24 @@ def test_hog_flat_cells_and_colour_order_and_bias():
     coarse = hog(img)[3][0]
     assert coarse[:, :9].abs().sum() == 0 and coarse[:, 18:].abs().sum() == 0
     assert torch.allclose(coarse[:, 13], torch.ones(4))
+
+
+def test_hog_equals_the_one_hot_map_average_pooled():
+    """HOG adds each pixel's magnitude into its (plane, bin, cell) slot: the official HOGLayer's full-resolution
+    one-hot map average-pooled per cell, including the rows and columns avg_pool2d leaves out (36 px, 8-px cells)."""
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, 36, 36)
+    for bias in (False, True):
+        layer = localmim.HOG(9, [4, 8, 16], bias=bias)
+        g = F.conv2d(F.pad(img.reshape(6, 1, 36, 36), (1, 1, 1, 1), mode="reflect"), layer.sobel)  # (6, 2, H, W)
+        for k, (c, out) in enumerate(zip([4, 8, 16], layer(img))):
+            gk = g + layer.bias[k].view(1, 2, 1, 1) if bias else g
+            bins = (torch.atan2(gk[:, 0], gk[:, 1]) / math.pi * 9).floor().long() % 9
+            onehot = torch.zeros(6, 9, 36, 36).scatter_(1, bins[:, None], torch.hypot(gk[:, 0], gk[:, 1])[:, None])
+            ref = F.normalize(F.avg_pool2d(onehot, c), dim=1)  # (6, 9, 36 // c, 36 // c)
+            ref = ref.view(2, 27, -1).transpose(1, 2)
+            assert out.shape == ref.shape == (2, (36 // c) ** 2, 27)
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_targets_are_fp32_without_grad_under_autocast():

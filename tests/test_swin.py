@@ -316,9 +316,10 @@ def test_visible_tokens_alone_equal_the_dense_visible_only_path(seed):
 
 def test_window_groups_by_hand():
     coords = torch.tensor([[0, 0], [0, 1], [1, 3], [3, 3]])  # a 4 x 4 stage, windows of 2
-    index, pad, rel = swin.window_groups(coords, 4, 2, 0)
+    index, pad, rel, back = swin.window_groups(coords, 4, 2, 0)
     groups = [sorted(index[g][~pad[g]].tolist()) for g in range(len(index))]
     assert groups == [[0, 1], [2], [3]] and index.shape == (3, 2)
+    assert index.flatten()[back].tolist() == [0, 1, 2, 3] and not pad.flatten()[back].any()  # each token's slot
     assert rel[0, 0, 1] == (0 + 1) * 3 + (0 - 1 + 1)  # token 0 -> token 1: offset (0, -1) in a 3 x 3 table
-    index, pad, rel = swin.window_groups(coords, 4, 2, 1)  # shifted by 1: (0,0) and (3,3) share a window but not a
+    index, pad, rel, _ = swin.window_groups(coords, 4, 2, 1)  # shifted by 1: (0,0) and (3,3) share a window but not a
     assert pad.shape == (4, 1) and not pad.any()  # region (they are no neighbours), (0,0) and (0,1) no window
