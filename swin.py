@@ -93,7 +93,8 @@ def merge_visible(visible):
 # The visible tokens alone (LocalMIM: one mask for the batch, of whole 32-px units): tokens (B, N, C) at coordinates
 # (N, 2), raster order. Every block groups them by window (and, shifted, by the region of the cyclic shift) into
 # padded groups; a query attends to the visible keys of its own group, which is what the dense visible-only path
-# computes for it, at the cost of the visible tokens only (a quarter at 75 % masking).
+# computes for it, at the cost of the visible tokens only (a quarter at 75 % masking). The groups hold 2-2.5x as many
+# slots as there are tokens, so only the attention itself runs on them; qkv, proj and the MLP run on the tokens.
 
 def window_groups(coords, res, w, s):
     """The groups of one block (window w, shift s) of the tokens at coords (N, 2) of a res x res stage. Returns
@@ -213,9 +214,8 @@ class SwinBlock(nn.Module):
         """x (B, N, C): visible tokens only; groups: window_groups() for this block's window and shift."""
         index, pad, rel, back = groups
         hide = torch.where(pad, float("-inf"), 0.0)[None, :, None, :]  # (1, nG, 1, G): padding is no key
-        # qkv and proj on the tokens, only the attention on the padded groups (2-2.5x the tokens at 75 % masking);
-        # index_select, not x[:, index]: its backward is an index_add, 3-4x faster on a CPU than index_put
-        qkv = self.attn.qkv(self.norm1(x))  # (B, N, 3C)
+        # index_select, not qkv[:, index]: its backward is an index_add, 3-4x faster on a CPU than index_put
+        qkv = self.attn.qkv(self.norm1(x))  # (B, N, 3C): on the tokens, not on the padded groups
         y, _ = self.attn.attend(qkv.index_select(1, index.flatten()).unflatten(1, index.shape), hide, rel_index=rel)
         y = y.flatten(1, 2).index_select(1, back)  # (B, nG, G, C) -> (B, N, C), the tokens' order
         x = x + self.drop_path(self.attn.proj(y))
