@@ -116,7 +116,7 @@ class Attention(nn.Module):
             x = logits.softmax(-1).to(v.dtype) @ v
         elif q.device.type == "cpu" and q.dtype != torch.float32:
             # CPU under bf16 autocast: SDPA's CPU kernels are 4-6x slower than these two matmuls at ViT-T/S sizes
-            # (forward + backward, one thread, bench/attention.py); products in bf16, the softmax in fp32
+            # (forward + backward, one thread); products in bf16, the softmax in fp32
             a = ((q * self.scale) @ k.transpose(-2, -1)).float()  # (B, H, T, T)
             x = (a if bias is None else a + bias.float()).softmax(-1).to(v.dtype) @ v
         else:
