@@ -305,7 +305,8 @@ class HOG(nn.Module):
             h, w = H // c, W // c  # as avg_pool2d, a remainder of rows or columns is left out
             rows, cols = torch.arange(h * c, device=img.device) // c, torch.arange(w * c, device=img.device) // c
             # every pixel's magnitude added into its (plane, bin, cell): the average pooling of the one-hot
-            # (3B, nbins, H, W) map without building it (2-4x faster at 224 px, the same sums)
+            # (3B, nbins, H, W) map without building it (2-4x faster at 224 px, the same sums; on a GPU the
+            # atomic adds may order them differently from run to run, a last-bit difference)
             slot = ((planes + bins[:, :h * c, :w * c]) * h + rows[:, None]) * w + cols  # (3B, hc, wc)
             hist = img.new_zeros(B * C * self.nbins * h * w).index_add_(
                 0, slot.flatten(), magnitude[:, :h * c, :w * c].flatten()) / (c * c)

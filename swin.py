@@ -214,8 +214,8 @@ class SwinBlock(nn.Module):
         """x (B, N, C): visible tokens only; groups: window_groups() for this block's window and shift."""
         index, pad, rel, back = groups
         hide = torch.where(pad, float("-inf"), 0.0)[None, :, None, :]  # (1, nG, 1, G): padding is no key
-        # index_select, not qkv[:, index]: its backward is an index_add, 3-4x faster on a CPU than index_put
         qkv = self.attn.qkv(self.norm1(x))  # (B, N, 3C): on the tokens, not on the padded groups
+        # index_select, not qkv[:, index]: its backward is an index_add, 3-4x faster on a CPU than index_put
         y, _ = self.attn.attend(qkv.index_select(1, index.flatten()).unflatten(1, index.shape), hide, rel_index=rel)
         y = y.flatten(1, 2).index_select(1, back)  # (B, nG, G, C) -> (B, N, C), the tokens' order
         x = x + self.drop_path(self.attn.proj(y))
